@@ -1,0 +1,74 @@
+"""Checkpoint files (DESIGN.md "Checkpoint"): atomic writes, safe loads, and building a model from one.
+
+A checkpoint is a torch.save'd dict holding only tensors and plain Python values, so it loads with
+weights_only=True (an untrusted file cannot run code). Written to a temp file in the same folder, fsync'd,
+then os.replace'd: a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+from model import GPT, GPTConfig, load_hf_gpt2
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch.save file): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model' / 'model_config')")
+    if ckpt.get("format", 1) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer version (format {ckpt['format']} > {FORMAT_VERSION}); "
+                        "update this code")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit its model_config: {str(e).splitlines()[1:2]}") from e
+    return model
+
+
+def load_model(path: str | Path) -> GPT:
+    """A GPT from one of our checkpoint files, or from a Hugging Face GPT-2 folder or hub name."""
+    p = Path(path)
+    if p.is_file():
+        return model_from_checkpoint(load_checkpoint(p))
+    return load_hf_gpt2(path)
