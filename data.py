@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from errors import UserError
 
@@ -32,8 +33,12 @@ def load_meta(data_dir: str | Path) -> dict:
         raise DataError(f"{meta_file} is not valid JSON ({e}); re-run prepare_data.py --overwrite") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
         raise DataError(f"{meta_file} has no 'splits' table; re-run prepare_data.py --overwrite")
-    if meta.get("format") != FORMAT_VERSION:
-        raise DataError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT_VERSION}; "
+    fmt = meta.get("format")
+    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+        raise DataError(f"{meta_file}: format {fmt} is newer than this code reads ({FORMAT_VERSION}); "
+                        "update the code or re-run this version's prepare_data.py --overwrite")
+    if fmt != FORMAT_VERSION:
+        raise DataError(f"{meta_file}: format {fmt!r} is not {FORMAT_VERSION}; "
                         "it was written by another version of prepare_data.py")
     if meta.get("dtype") != "uint16":
         raise DataError(f"{meta_file}: dtype {meta.get('dtype')!r} is not supported (expected uint16)")
@@ -50,6 +55,10 @@ def open_split(data_dir: str | Path, split: str, check_token_ids: bool = False) 
         raise DataError(f"{d / 'meta.json'}: split {split!r} has no shards")
     shards = []
     for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                or not isinstance(entry.get("tokens"), int):
+            raise DataError(f"{d / 'meta.json'}: bad shard entry {entry!r} in split {split!r} (needs file and "
+                            "tokens); re-run prepare_data.py --overwrite")
         f = d / entry["file"]
         if not f.is_file():
             raise DataError(f"shard {f} listed in meta.json is missing; re-run prepare_data.py --overwrite")
@@ -75,3 +84,81 @@ def _check_ids(shard: np.ndarray, f: Path, vocab_size: int, chunk: int = 1 << 24
 def split_tokens(data_dir: str | Path, split: str) -> int:
     """Total number of tokens in a split, from meta.json."""
     return sum(e["tokens"] for e in load_meta(data_dir)["splits"].get(split, []))
+
+
+# ----------------------------------------------------------------------------------------------------
+# TokenLoader: (x, y) batches for training, sharded across DDP ranks, resumable
+
+
+class TokenLoader:
+    """Yields (x, y) int64 batches of shape (B, T) for one DDP rank.
+
+    Sampling scheme (chosen for exact resume and no repetition): every shard of the split is cut into
+    non-overlapping rows of T tokens (row i covers tokens [i*T, i*T + T), its targets are the same span
+    shifted by one, so the row needs T + 1 tokens; a shard's tail shorter than that is dropped). Rows never
+    cross a shard boundary. Each epoch visits every row exactly once, in an order given by a permutation
+    seeded by (seed, epoch), so within an epoch no token is an input twice; `shuffle=False` keeps file order
+    (used for the validation split, so every evaluation sees the same rows).
+
+    All ranks walk the same global row stream: one global micro-batch is the next B * world_size rows, of
+    which rank r takes rows [r*B, (r+1)*B). A training step with grad_accum micro-steps therefore consumes
+    the same set of rows for any (world_size, grad_accum) with the same product, so one process with
+    grad_accum=4 sees exactly the data of two processes with grad_accum=2.
+
+    The state is the global position (epoch, row) and is the same on every rank: saving rank 0's copy is
+    enough, and a run can resume with a different world size.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.shards = open_split(data_dir, split)
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        rows = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
+        self.row_start = np.concatenate(([0], np.cumsum(rows)))  # global row index of each shard's row 0
+        self.n_rows = int(self.row_start[-1])
+        if self.n_rows < batch_size * world_size:
+            raise DataError(f"{data_dir} split {split!r} has {self.n_rows} rows of {seq_len + 1} tokens, fewer "
+                            f"than one batch needs ({batch_size} x {world_size} ranks); use a smaller "
+                            "micro_batch / seq_len or more data")
+        self.epoch, self.pos = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_rows, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+
+    def _row(self, g: int) -> np.ndarray:
+        s = int(np.searchsorted(self.row_start, g, side="right")) - 1
+        start = (g - int(self.row_start[s])) * self.T
+        return self.shards[s][start : start + self.T + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.B * self.world_size
+        if self.pos + need > self.n_rows:  # epoch ends: drop the remainder so every rank stays in step
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        mine = self._order[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
+        self.pos += need
+        buf = torch.from_numpy(np.stack([self._row(int(g)) for g in mine]).astype(np.int64))
+        return buf[:, :-1], buf[:, 1:]
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_rows": self.n_rows, "seq_len": self.T}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_rows"] != self.n_rows or state["seq_len"] != self.T or state["seed"] != self.seed:
+            raise DataError(f"the checkpoint's data position (rows={state['n_rows']}, seq_len={state['seq_len']}, "
+                            f"seed={state['seed']}) does not fit this dataset/config (rows={self.n_rows}, "
+                            f"seq_len={self.T}, seed={self.seed}): resume with the same data_dir, seq_len, seed")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._epoch_order(self.epoch)
