@@ -220,13 +220,14 @@ def test_hf_sources_call_load_dataset_and_match_local_path(tmp_path, monkeypatch
     src = shared_file("lambada_openai_test.jsonl")
     real_load, calls = datasets.load_dataset, []
 
-    def fake_load(path, name=None, data_files=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
+    def fake_load(path, name=None, data_files=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming, kwargs))
         return real_load("json", data_files=[str(src)], split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    run(*argv, "--out-dir", tmp_path / "hf", "--val-fraction", "0.01")
-    assert calls == [(hf_args[0], hf_args[1], "train", hf_args[2])]
+    run(*argv, "--out-dir", tmp_path / "hf", "--val-fraction", "0.01", "--num-proc", 2)
+    download_kwargs = {} if hf_args[2] else {"num_proc": 2}  # parallel download unless streaming
+    assert calls == [(hf_args[0], hf_args[1], "train", hf_args[2], download_kwargs)]
     monkeypatch.setattr(datasets, "load_dataset", real_load)
     run("--files", src, "--out-dir", tmp_path / "local", "--val-fraction", "0.01")
     assert shard_bytes(tmp_path / "hf") == shard_bytes(tmp_path / "local")
