@@ -284,3 +284,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     r = cli("--files", tmp_path / "nofield.jsonl", "--text-field", "body", "--out-dir", out, "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
     assert decode_docs(split_tokens(out, "train")) == ["some text", "more"]
+
+
+@pytest.mark.slow
+def test_whole_wikipedia_corpus_matches_source_token_count(tmp_path):
+    """All 96 files (98 MB): SOURCE.md counts 6,323 articles, 4 with an empty body, and 21,264,781 GPT-2 tokens in
+    the article bodies (header, title line and </doc> dropped): that plus one EOT per article."""
+    d = shared_file("corpus_wikipedia_en/AA")
+    summary = run("--files", d, "--out-dir", tmp_path, "--wiki-title", "drop", "--val-fraction", "0", "--num-proc", 2)
+    assert summary["docs"] == {"train": 6323 - 4, "val": 0}
+    assert summary["tokens"]["train"] == 21_264_781 + 6319
+    assert (tmp_path / "train_000000.bin").stat().st_size == 2 * summary["tokens"]["train"]
