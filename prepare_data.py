@@ -257,7 +257,7 @@ def batches(docs: Iterator[str], cfg: PrepareConfig) -> Iterator[tuple[list[str]
         yield texts, val_mask(start, len(texts), cfg.seed, frac, cfg.val_docs)
 
 
-def encoded(tasks: Iterator[tuple[list[str], np.ndarray]], pool) -> Iterator[tuple]:
+def encoded(tasks: Iterator[tuple[list[str], np.ndarray]], pool, num_proc: int) -> Iterator[tuple]:
     """encode_batch over the tasks, results in task order. Unlike Pool.imap (whose feeder thread drains the
     whole input at once), this keeps at most 2 tasks per worker in flight: memory does not grow with input."""
     if pool is None:
@@ -266,7 +266,7 @@ def encoded(tasks: Iterator[tuple[list[str], np.ndarray]], pool) -> Iterator[tup
     pending: deque = deque()
     for task in tasks:
         pending.append(pool.apply_async(encode_batch, (task,)))
-        if len(pending) >= 2 * pool._processes:
+        if len(pending) >= 2 * num_proc:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
@@ -393,6 +393,7 @@ def prepare(cfg: PrepareConfig) -> dict | None:
     get_tokenizer()  # load before forking so that the workers inherit it
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(cfg.num_proc) if cfg.num_proc > 1 else None  # before the source starts any threads
+    progress = None
     try:
         tasks = batches(docs, cfg)
         first = next(tasks, None)  # read before touching the output folder: empty input changes nothing
@@ -409,7 +410,7 @@ def prepare(cfg: PrepareConfig) -> dict | None:
             yield first
             yield from tasks
 
-        for train, n_train, val, n_val in encoded(all_tasks(), pool):
+        for train, n_train, val, n_val in encoded(all_tasks(), pool, cfg.num_proc):
             writers["train"].write(train)
             writers["val"].write(val)
             n_docs["train"] += n_train
@@ -418,8 +419,9 @@ def prepare(cfg: PrepareConfig) -> dict | None:
         for w in writers.values():
             w.close()
         meta = write_meta(out, source, writers)
-        progress.close()
     finally:
+        if progress is not None:
+            progress.close()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -246,7 +246,7 @@ def test_tasks_in_flight_are_bounded():
             yield [f"document {i}"] * 10, np.zeros(10, dtype=bool)
 
     with mp.get_context("fork").Pool(2) as pool:
-        it = prepare_data.encoded(tasks(), pool)
+        it = prepare_data.encoded(tasks(), pool, 2)
         first = next(it)
         assert pulled <= 2 * 2 + 1
         rest = list(it)
