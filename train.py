@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import secrets
 import signal
 import sys
 import time
@@ -78,7 +79,7 @@ class TrainConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (fp32/bf16; fp16's scaler skips)
     # evaluation / logging / checkpoints (all intervals in optimizer steps; 0 = never)
-    eval_interval: int = 250  # val loss over eval_iters micro-batches per rank, averaged over ranks
+    eval_interval: int = 250  # val loss over eval_iters x micro_batch val rows, shared among ranks
     eval_iters: int = 20
     hellaswag_interval: int = 0  # eval_hellaswag.evaluate_hellaswag every N steps (0 = off)
     hellaswag_path: str = ""  # local hellaswag jsonl ("" = eval_hellaswag's default)
@@ -342,21 +343,22 @@ class TrainingDiverged(Exception):
 
 @torch.no_grad()
 def estimate_val_loss(model: torch.nn.Module, cfg: TrainConfig, d: Dist, autocast: Any) -> float:
-    """Mean loss over eval_iters micro-batches of the val split on every rank (the same rows each time),
-    averaged over ranks."""
-    loader = TokenLoader(cfg.data_dir, "val", cfg.micro_batch, cfg.seq_len, d.rank, d.world_size,
-                         seed=cfg.seed, shuffle=False)
+    """Mean loss over the first eval_iters x micro_batch rows of the val split (file order, the same rows at
+    every evaluation). Batch i goes to rank i % world_size, so the number does not depend on the world size."""
+    loader = TokenLoader(cfg.data_dir, "val", cfg.micro_batch, cfg.seq_len, seed=cfg.seed, shuffle=False)
     model.eval()
-    total = torch.zeros((), device=d.device)
-    for _ in range(cfg.eval_iters):
-        x, y = (t.to(d.device) for t in loader.next_batch())
+    total = torch.zeros(2, device=d.device)  # (sum of batch losses, number of batches) on this rank
+    for i in range(cfg.eval_iters):
+        x, y = loader.next_batch()
+        if i % d.world_size != d.rank:
+            continue
         with autocast:
-            _, loss = model(x, y)
-        total += loss.float()
+            _, loss = model(x.to(d.device), y.to(d.device))
+        total += torch.stack([loss.float(), torch.ones((), device=d.device)])
     model.train()
     if d.enabled:
         dist.all_reduce(total)
-    return total.item() / cfg.eval_iters / d.world_size
+    return (total[0] / total[1]).item()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -461,7 +463,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     if cfg.wandb_log and d.master:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb_id = wandb_id or secrets.token_hex(4)  # kept in the checkpoint: a resume continues this run
         wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=wandb_id,
                                resume="allow", config=asdict(cfg), dir=str(out_dir))
 
@@ -566,10 +568,6 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 bad_steps += 1
                 log(f"warning: step {step}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped "
                     f"({bad_steps} in a row)")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise TrainingDiverged(f"stopping: {bad_steps} consecutive steps with a non-finite loss or "
-                                           f"gradient at step {step}; lower lr, raise warmup_steps or use bf16/fp32"
-                                           f" and resume from the last checkpoint ({ckpt_path})")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += cfg.total_batch_tokens
@@ -589,6 +587,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                     f"{tok_s:,.0f} tok/s | {dt * 1000:.0f} ms" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
                     + (f" | mem {mem:.1f} GiB" if mem is not None else ""), flush=True)
 
+            if bad_steps and bad_steps >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"stopping: {bad_steps} consecutive steps with a non-finite loss or gradient "
+                                       f"at step {step - 1}; lower lr, raise warmup_steps or use bf16/fp32 and "
+                                       f"resume from the last checkpoint ({ckpt_path})")
             if stop_now:
                 save(step)
                 log(f"stopped at step {step} by signal; continue with --init_from=resume")

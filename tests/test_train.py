@@ -1,0 +1,268 @@
+"""train.py end to end on CPU: DDP + ZeRO-1 equals one process, exact resume after SIGTERM and after a hard
+kill, non-finite steps, the HellaSwag hook, the Shakespeare quickstart learning, sample.py and plot.py.
+References are runs nobody edited: an uninterrupted run, a single-process run, the initial weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from _shards import markov_dataset, write_dataset
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 64, "block_size": 32}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return markov_dataset(tmp_path_factory.mktemp("markov") / "data")
+
+
+def args(data: Path, out: Path, **kw: object) -> list[str]:
+    base = dict(data_dir=data, out_dir=out, model_overrides=TINY, micro_batch=2, seq_len=16, total_batch_tokens=128,
+                max_steps=6, warmup_steps=2, lr=3e-3, eval_interval=3, eval_iters=2, log_interval=1, ckpt_interval=0,
+                dtype="fp32", seed=7)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+
+
+def run(argv: list[str], nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(REPO / "train.py"), *argv]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_ = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    return train_, val
+
+
+def ckpt(out: Path) -> dict:
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def test_ddp_zero1_equals_single_process(data, tmp_path):
+    """One process with grad_accum=4 vs torchrun 2 x gloo with grad_accum=2 and ZeRO-1: same data per step,
+    so the same loss curve, val losses, final weights and (consolidated) AdamW state."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run(args(data, one))
+    r2 = run(args(data, two, zero1=True), nproc=2)
+    assert "grad_accum 4 x world 1" in r1.stdout and "grad_accum 2 x world 2" in r2.stdout and "ZeRO-1" in r2.stdout
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [s for s, _ in t1] == list(range(6)) and [s for s, _ in t2] == list(range(6))
+    np.testing.assert_allclose([x for _, x in t2], [x for _, x in t1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([x for _, x in v2], [x for _, x in v1], rtol=0, atol=1e-5)
+    assert t1[-1][1] < t1[0][1] - 0.05  # it trained
+    c1, c2 = ckpt(one), ckpt(two)
+    for k, w in c1["model"].items():
+        torch.testing.assert_close(c2["model"][k], w, rtol=0, atol=1e-5)
+    s1, s2 = c1["optimizer"]["state"], c2["optimizer"]["state"]
+    assert sorted(s1) == sorted(s2) and len(s1) == len(list(GPT(GPTConfig(**TINY)).parameters()))
+    for i in s1:
+        torch.testing.assert_close(s2[i]["exp_avg"], s1[i]["exp_avg"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(s2[i]["exp_avg_sq"], s1[i]["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    assert len(c2["rng"]) == 2 and c1["step"] == c2["step"] == 6 and c1["loader"] == c2["loader"]
+
+
+def interrupted_run(argv: list[str], trigger: str, sig: int) -> subprocess.Popen:
+    """Start train.py, send `sig` when a stdout line contains `trigger`; return the finished process."""
+    p = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if trigger in line:
+            p.send_signal(sig)
+            break
+    p.stdout.read()
+    p.wait(timeout=120)
+    return p
+
+
+def assert_identical(ref: Path, resumed: Path) -> None:
+    (tr, vr), (tx, vx) = metrics(ref), metrics(resumed)
+    assert tx == tr and vx == vr  # every logged loss, bit for bit (JSON keeps a float's exact repr)
+    cr, cx = ckpt(ref), ckpt(resumed)
+    assert cr["step"] == cx["step"] and cr["loader"] == cx["loader"] and cr["tokens_seen"] == cx["tokens_seen"]
+    for k in cr["model"]:
+        assert torch.equal(cr["model"][k], cx["model"][k]), k
+    for i, st in cr["optimizer"]["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, cx["optimizer"]["state"][i][name]), (i, name)
+
+
+# Heavier steps than the other tests (512 tokens, grad_accum 4) leave room between the signal and the end.
+RESUME = dict(micro_batch=4, seq_len=32, total_batch_tokens=512, max_steps=10, eval_interval=4,
+              model_overrides={**TINY, "n_embd": 64, "dropout": 0.1})  # dropout: the RNG must resume too
+
+
+def test_resume_after_sigterm_is_bit_identical(data, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run(args(data, ref, **RESUME))
+    p = interrupted_run(args(data, cut, **RESUME), "step 1/10", signal.SIGTERM)
+    out = p.stderr.read() if p.stderr else ""
+    assert p.returncode == 0, out  # finished the step, saved, exited cleanly
+    stopped_at = ckpt(cut)["step"]
+    assert 2 <= stopped_at < 10
+    assert [s for s, _ in metrics(cut)[0]] == list(range(stopped_at))
+    r = run(args(data, cut, init_from="resume", **RESUME))
+    assert f"resumed from {cut / 'ckpt.pt'} at step {stopped_at}" in r.stdout
+    assert_identical(ref, cut)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_hard_kill_is_bit_identical(data, tmp_path, dtype):
+    """SIGKILL (no handler runs) after the step-3 checkpoint: metrics.jsonl may hold steps past the
+    checkpoint; the resumed run drops them and repeats those steps exactly."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    kw = {**RESUME, "ckpt_interval": 3, "dtype": dtype}
+    run(args(data, ref, **kw))
+    p = interrupted_run(args(data, cut, **kw), "at step 3", signal.SIGKILL)
+    assert p.returncode == -signal.SIGKILL
+    assert ckpt(cut)["step"] in (3, 6, 9)
+    run(args(data, cut, init_from="resume", **kw))
+    assert_identical(ref, cut)
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_zero1_checkpoint(data, tmp_path):
+    """torchrun 2 x ZeRO-1: stop by SIGTERM (torchrun forwards it), resume from the consolidated optimizer
+    state; the result equals an uninterrupted 2-process run to float precision."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    kw = {**RESUME, "micro_batch": 2}
+    run(args(data, ref, **kw), nproc=2)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.Popen(launcher + [str(REPO / "train.py"), *args(data, cut, **kw)], cwd=REPO, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if "step 1/10" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.stdout.read()
+    p.wait(timeout=120)
+    assert 1 <= ckpt(cut)["step"] < 10, rest
+    run(args(data, cut, init_from="resume", **kw), nproc=2)
+    (tr, vr), (tx, vx) = metrics(ref), metrics(cut)
+    assert [s for s, _ in tx] == list(range(10)) and [s for s, _ in vx] == [s for s, _ in vr]
+    np.testing.assert_allclose([x for _, x in tx + vx], [x for _, x in tr + vr], rtol=0, atol=1e-6)
+    cr, cx = ckpt(ref), ckpt(cut)
+    for k in cr["model"]:
+        torch.testing.assert_close(cx["model"][k], cr["model"][k], rtol=0, atol=1e-6)
+
+
+def in_process_cfg(data: Path, out: Path, **kw: object) -> train.TrainConfig:
+    return train.load_config(args(data, out, **kw))
+
+
+def test_non_finite_step_is_skipped_then_stops(data, tmp_path, monkeypatch, capsys):
+    forward = GPT.forward
+
+    def nan_forward(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        return logits, (loss * float("nan") if loss is not None and self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    # one step, all NaN: the update is skipped, so the saved weights are the initial ones
+    cfg = in_process_cfg(data, tmp_path / "a", max_steps=1, eval_interval=0)
+    train.train(cfg)
+    torch.manual_seed(cfg.seed)
+    init = GPT(GPTConfig(**TINY)).state_dict()
+    saved = ckpt(tmp_path / "a")["model"]
+    assert all(torch.equal(saved[k], v) for k, v in init.items())
+    assert "non-finite loss nan" in capsys.readouterr().out
+    # every step NaN: stop after max_bad_steps in a row with a clear message
+    with pytest.raises(train.TrainingDiverged, match="3 consecutive steps with a non-finite loss"):
+        train.train(in_process_cfg(data, tmp_path / "b", max_steps=20, max_bad_steps=3, eval_interval=0))
+    assert len(metrics(tmp_path / "b")[0]) == 3
+
+
+def test_hellaswag_hook(data, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_eval(model, data_path=None, limit=None, device=None, rank=0, world_size=1, **kw):
+        calls.append(dict(model=model, limit=limit, data_path=data_path, rank=rank, world_size=world_size))
+        return {"acc": 0.25, "acc_norm": 0.3 + 0.01 * len(calls)}
+
+    monkeypatch.setitem(sys.modules, "eval_hellaswag", types.SimpleNamespace(evaluate_hellaswag=fake_eval))
+    out = tmp_path / "hs"
+    train.train(in_process_cfg(data, out, max_steps=4, eval_interval=2, hellaswag_interval=2, hellaswag_limit=5,
+                               hellaswag_path="/x.jsonl"))
+    assert len(calls) == 3  # steps 0, 2, 4
+    assert all(isinstance(c["model"], GPT) and c["limit"] == 5 and c["data_path"] == "/x.jsonl" for c in calls)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["hellaswag_acc_norm"]) for r in recs if "hellaswag_acc_norm" in r] == [
+        (0, pytest.approx(0.31)), (2, pytest.approx(0.32)), (4, pytest.approx(0.33))]
+
+
+def test_wandb_offline_resumes_same_run(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "wb"
+    run(args(data, out, max_steps=2, wandb_log=True))
+    run_id = ckpt(out)["wandb_run_id"]
+    assert run_id and any(p.name.endswith(run_id) for p in (out / "wandb").iterdir())
+    run(args(data, out, max_steps=3, wandb_log=True, init_from="resume"))
+    assert ckpt(out)["wandb_run_id"] == run_id
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory) -> Path:
+    """Tiny Shakespeare as GPT-2 tokens, 90/10 split, written by the test itself (not prepare_data.py)."""
+    from conftest import shared_file
+    from tokenizer import EOT, get_tokenizer
+
+    text = shared_file("tinyshakespeare.txt").read_text()
+    toks = np.array(get_tokenizer().encode_ordinary(text), dtype=np.int64)
+    n = int(len(toks) * 0.9)
+    return write_dataset(tmp_path_factory.mktemp("shk") / "data",
+                         {"train": [np.concatenate([[EOT], toks[:n]])], "val": [np.concatenate([[EOT], toks[n:]])]})
+
+
+@pytest.mark.slow
+def test_shakespeare_quickstart_learns(shakespeare, tmp_path):
+    """config/shakespeare_cpu.py, shortened to 60 steps: val loss drops from ln(50257)=10.8 to below 6.3,
+    under the unigram level (~6.5 nats: train-set token frequencies scored on val). Then sample.py and
+    plot.py run on the result."""
+    out = tmp_path / "shk"
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "config/shakespeare_cpu.py"),
+                        f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=60", "--eval_interval=60",
+                        "--warmup_steps=10"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, val = metrics(out)
+    assert val[0][1] > 10.5 and val[-1][1] < 6.3, val
+    s = subprocess.run([sys.executable, str(REPO / "sample.py"), str(out / "ckpt.pt"), "--prompt", "ROMEO:",
+                        "--max_new_tokens", "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and s.stdout.startswith("ROMEO:") and len(s.stdout) > 30, s.stderr
+    p = subprocess.run([sys.executable, str(REPO / "plot.py"), str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and (out / "metrics.png").read_bytes()[:4] == b"\x89PNG", p.stderr
+
+
+def test_unigram_level_claim(shakespeare):
+    """The 6.5-nat unigram level quoted above and in config/shakespeare_cpu.py, recomputed."""
+    from data import open_split
+
+    tr, va = open_split(shakespeare, "train")[0], open_split(shakespeare, "val")[0]
+    counts = np.bincount(tr, minlength=50257) + 1e-3
+    xent = float(-np.log(counts[va] / counts.sum()).mean())
+    assert 6.3 < xent < 6.8 and math.log(50257) > 10.8
