@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> object:
     p.add_argument("--fused-adamw", choices=["auto", "on", "off"], default="auto",
                    help="fused AdamW kernel (auto: on for CUDA)")
     p.add_argument("--pad-vocab", choices=["on", "off"], default="on", help="pad the vocab to a multiple of 64")
-    p.add_argument("--no-tf32", action="store_true", help="full-precision fp32 matmuls (TF32 is on by default)")
+    p.add_argument("--no-tf32", action="store_true", help="full-precision fp32 matmuls (TF32 is on by default on CUDA)")
     p.add_argument("--plain", action="store_true",
                    help="plain nanoGPT-style loop: eager, vocab 50257, foreach AdamW, no TF32, pageable copies, "
                         "loss.item() every step (the reference the fast paths are measured against)")
@@ -188,7 +188,8 @@ def run(args: object) -> dict:
 
         load_meta(args.data)  # a missing or incomplete dataset fails before the model is built
     torch.manual_seed(args.seed)
-    perf.configure_backends(tf32=not (args.no_tf32 or args.plain))
+    tf32 = device.type == "cuda" and not (args.no_tf32 or args.plain)
+    perf.configure_backends(tf32=tf32)
     mc = model_config(cfg)
     pad = 1 if args.plain or args.pad_vocab == "off" else max(64, mc.pad_vocab_multiple)
     mc = dataclasses.replace(mc, pad_vocab_multiple=pad)
@@ -266,7 +267,7 @@ def run(args: object) -> dict:
         "flops_per_token": flops_per_token,
         "batch_size": B, "seq_len": T, "dtype": cfg.dtype,
         "compile": model is not raw_model, "compile_mode": args.compile_mode if model is not raw_model else None,
-        "attention": mc.attention, "fused_adamw": fused, "pad_vocab": pad, "tf32": not (args.no_tf32 or args.plain),
+        "attention": mc.attention, "fused_adamw": fused, "pad_vocab": pad, "tf32": tf32,
         "plain": args.plain, "data": args.data or "synthetic",
         "warmup": args.warmup, "steps": args.steps,
         "step_ms": [s * 1e3 for s in step_s], "step_ms_median": median_s * 1e3,

@@ -19,8 +19,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def configure_backends(tf32: bool = True) -> None:
-    """TF32 for fp32 matmuls and convolutions on Ampere and newer (10-bit mantissa inputs, fp32 accumulate);
-    under bf16 autocast it only affects the ops autocast keeps in fp32. No effect on CPU."""
+    """TF32 for fp32 matmuls on Ampere and newer GPUs (10-bit mantissa inputs, fp32 accumulation); under bf16
+    autocast it only affects the ops autocast keeps in fp32. Pass tf32=False on CPU: in recent torch the same
+    switch lets oneDNN use reduced precision on CPUs with AMX. set_float32_matmul_precision is used (not the
+    newer fp32_precision flags) because torch refuses to mix those with the legacy allow_tf32 flags."""
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
 

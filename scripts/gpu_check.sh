@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU check, sized for ~11 minutes on one H100/H200 (the device tool's 15-minute budget minus start-up).
+# Run from the repository root on the GPU machine; everything it prints and writes goes to $OUT (default
+# out/gpu_check). Steps, each under its own `timeout` so one hang cannot eat the budget:
+#   1. environment: nvidia-smi, torch/CUDA versions; installs carried wheels (pytest, flash-attn) if needed
+#   2. unit tests that need CUDA (bf16/fp16 autocast, SDPA flash kernel vs manual, flash-attn package, fused
+#      AdamW, TF32, no host-device sync in the step, torch.compile vs eager) + bench.py's own tests   ~3 min
+#   3. bench.py on GPT-2 124M, T=1024, bf16: plain loop, eager, compiled, batch 16 and 64, with the
+#      measured matmul ceiling; a torch.profiler table for the fastest setting                       ~4.5 min
+#   4. a 2-minute real training run (train.py) of GPT-2 124M on Tiny Shakespeare, printing tok/s and MFU
+#   5. a summary table (scripts/gpu_summary.py) of every bench JSON
+#
+# Preparing the carry on the CPU machine (the GPU machine has no network and no datasets/lm-eval/wandb):
+#   python prepare_data.py --dataset shakespeare                      # -> data/shakespeare (ignored by git)
+#   pip download pytest --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d out/wheels
+#   run(command="bash scripts/gpu_check.sh", carry=["data/shakespeare", "out/wheels"], timeout_s=600)
+# Then copy the figures from $OUT/summary.txt and $OUT/train.log into docs/performance.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu_check}"
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+WHEELS="${WHEELS:-out/wheels}"
+T0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.log"; }
+
+stamp "1. environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+python -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', \
+torch.version.cuda, '|', torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
+if ! python -c "import pytest" 2>/dev/null; then
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    python -m pip install --quiet --no-index --find-links "$WHEELS" pytest 2>&1 | tail -3
+  else
+    echo "pytest is missing and no wheels in $WHEELS: unit tests will be skipped (see the header)"
+  fi
+fi
+if compgen -G "$WHEELS/flash_attn-*.whl" >/dev/null && ! python -c "import flash_attn" 2>/dev/null; then
+  python -m pip install --quiet --no-index --find-links "$WHEELS" flash-attn 2>&1 | tail -3
+fi
+
+stamp "2. unit tests (CUDA fast paths, bench)"
+if python -c "import pytest" 2>/dev/null; then
+  timeout 240 python -m pytest -q -rs tests/test_fast_paths.py tests/test_bench.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+else
+  echo "skipped: no pytest" | tee "$OUT/pytest.log"
+fi
+
+stamp "3. bench.py, GPT-2 124M, T=1024, bf16"
+bench() {  # bench NAME ARGS...: one bench.py run, its log and JSON under $OUT
+  local name=$1; shift
+  stamp "bench $name: $*"
+  timeout 150 python bench.py --seq-len 1024 --dtype bf16 --steps 20 --measure-ceiling "$@" \
+    --json "$OUT/bench_$name.json" 2>&1 | tee "$OUT/bench_$name.log" | grep -v "^ *$" | tail -9
+}
+bench plain_b16 --batch-size 16 --plain
+bench eager_b16 --batch-size 16
+bench compiled_b16 --batch-size 16 --compile
+bench eager_b64 --batch-size 64
+bench compiled_b64 --batch-size 64 --compile --profile
+
+stamp "4. 2-minute training run: GPT-2 124M on Tiny Shakespeare (train.py, compiled, bf16)"
+if [ -f data/shakespeare/meta.json ]; then
+  # SIGTERM after 120 s: train.py finishes its step, writes a checkpoint and exits 0.
+  timeout --signal=TERM --kill-after=60 120 python train.py --data_dir=data/shakespeare \
+    --out_dir="$OUT/train_shakespeare" --model=gpt2 --model_overrides.pad_vocab_multiple=64 --micro_batch=16 \
+    --seq_len=1024 --total_batch_tokens=65536 --max_steps=5000 --lr=6e-4 --warmup_steps=20 --dtype=bf16 \
+    --compile=true --eval_interval=0 --ckpt_interval=0 --log_interval=5 2>&1 | tee "$OUT/train.log" | tail -15
+  rm -f "$OUT/train_shakespeare/ckpt.pt"  # 1.5 GB of weights + AdamW state: not worth fetching
+else
+  echo "skipped: data/shakespeare/meta.json not carried (see the header)" | tee "$OUT/train.log"
+fi
+
+stamp "5. summary"
+python scripts/gpu_summary.py "$OUT"/bench_*.json | tee "$OUT/summary.txt"
+stamp "done"
