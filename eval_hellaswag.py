@@ -71,7 +71,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def score_batch(
     model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
-    device: torch.device | str,
+    device: torch.device | str, greedy: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probs of the continuation tokens, whether each one is the argmax) for each
     (context_tokens, continuation_tokens) request, all in one forward pass.
@@ -80,22 +80,41 @@ def score_batch(
     max_length; rows are right-padded (harmless under causal attention); log-softmax in fp32."""
     inps, cont_lens = [], []
     for ctx, cont in requests:
-        if not ctx or not cont or len(cont) > max_length:
-            raise ValueError(f"bad request: {len(ctx)} context / {len(cont)} continuation tokens")
+        if not ctx or not cont:
+            raise ValueError(f"empty context or continuation ({len(ctx)} / {len(cont)} tokens)")
+        if len(cont) > max_length:
+            raise UserError(f"a continuation of {len(cont)} tokens does not fit max_length {max_length}")
         inps.append((ctx + cont)[-(max_length + 1) :][:-1])
         cont_lens.append(len(cont))
     width = max(len(x) for x in inps)
     batch = torch.zeros((len(inps), width), dtype=torch.long)
-    for i, x in enumerate(inps):
+    # Positions whose next-token distribution is scored: the last len(cont) of each row's input.
+    positions = torch.zeros((len(inps), max(cont_lens)), dtype=torch.long)
+    for i, (x, contlen) in enumerate(zip(inps, cont_lens)):
         batch[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    logits, _ = model(batch.to(device))
+        positions[i, :contlen] = torch.arange(len(x) - contlen, len(x))
+    positions = positions.to(device)
+
+    def project_scored_positions_only(module: torch.nn.Module, args: tuple) -> tuple:
+        # The (rows x T x 50257) logits tensor dominates evaluation time and memory; the head is applied
+        # per position, so projecting only the scored positions gives the same numbers.
+        (x,) = args
+        return (x.gather(1, positions[..., None].expand(-1, -1, x.size(-1))),)
+
+    head = getattr(model, "lm_head", None)
+    hook = head.register_forward_pre_hook(project_scored_positions_only) if head is not None else None
+    try:
+        logits, _ = model(batch.to(device))
+    finally:
+        if hook is not None:
+            hook.remove()
     out = []
-    for i, (inp, contlen) in enumerate(zip(inps, cont_lens)):
-        inplen = len(inp)
-        logprobs = F.log_softmax(logits[i, inplen - contlen : inplen], dim=-1, dtype=torch.float32)
+    for i, contlen in enumerate(cont_lens):
+        scored = logits[i, :contlen] if hook is not None else logits[i, len(inps[i]) - contlen : len(inps[i])]
+        logprobs = F.log_softmax(scored, dim=-1, dtype=torch.float32)
         target = torch.tensor(requests[i][1], dtype=torch.long, device=logprobs.device)
-        greedy = bool((logprobs.argmax(dim=-1) == target).all())
-        out.append((float(logprobs.gather(-1, target[:, None]).sum()), greedy))
+        is_greedy = greedy and bool((logprobs.argmax(dim=-1) == target).all())
+        out.append((float(logprobs.gather(-1, target[:, None]).sum()), is_greedy))
     return out
 
 
@@ -228,7 +247,7 @@ def evaluate_hellaswag(
         for start in range(0, len(mine), batch_size):
             chunk = [examples[i] for i in mine[start : start + batch_size]]
             rows = [r for ex in chunk for r in ex["lmeval"] + ex["llmc"]]
-            scores = score_batch(net, rows, max_length, device)
+            scores = score_batch(net, rows, max_length, device, greedy=False)
             for j, ex in enumerate(chunk):
                 lls = [s for s, _ in scores[8 * j : 8 * j + 4]]
                 llmc = [s for s, _ in scores[8 * j + 4 : 8 * j + 8]]
