@@ -119,7 +119,8 @@ def run_tasks(model: torch.nn.Module, tasks: list[str], data_dir: str | Path | N
 
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="eval_tasks_"))
             names = write_local_tasks(data_dir, tmp, tasks)
-            task_manager = TaskManager(include_path=tmp)
+            # the local tasks are self-contained; indexing all built-in tasks would cost ~10 s
+            task_manager = TaskManager(include_path=tmp, include_defaults=False)
             task_names = [names[t] for t in tasks]
         else:
             task_manager = TaskManager()

@@ -51,7 +51,8 @@ def lm_eval_hf(hf_dir: Path, tmp: Path, max_length: int, limit: int) -> dict:
     write_local_tasks(shared_file("hellaswag_val.jsonl").parent, tmp, ["hellaswag"])
     res = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={hf_dir},max_length={max_length},dtype=float32", device="cpu",
-        batch_size=32, tasks=["hellaswag_local"], task_manager=TaskManager(include_path=str(tmp)), limit=limit,
+        batch_size=32, tasks=["hellaswag_local"], limit=limit,
+        task_manager=TaskManager(include_path=str(tmp), include_defaults=False),
         bootstrap_iters=1,  # >0 so the closed-form stderr of the mean is reported
         log_samples=True)
     samples = sorted(res["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
