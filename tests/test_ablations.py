@@ -1,0 +1,512 @@
+"""Architecture ablations and document masking in model.py.
+
+References nobody here wrote: torch.nn.functional.rms_norm / layer_norm, transformers' Llama RoPE, a
+per-token loop for MoE routing, the dense GELU MLP for a one-expert MoE, the single-document run for
+document masking, and uninterrupted training for checkpoint resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import REPO, shared_file
+from errors import UserError
+from model import (
+    GPT,
+    MLPS,
+    NORMS,
+    GeluMLP,
+    GPTConfig,
+    MoEMLP,
+    RotaryPositions,
+    apply_rope,
+    document_positions,
+    export_hf_gpt2,
+    swiglu_hidden,
+)
+from tokenizer import EOT
+
+# Byte-level tiny models (vocab 256 bytes + an EOT id) keep these tests fast on 2 CPU cores; the GPT-2 vocab
+# is used only where an evaluator needs GPT-2 tokens.
+BYTE_EOT = 256
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, eot_id=BYTE_EOT)
+GPT2_VOCAB = dict(vocab_size=50257, eot_id=EOT)
+VARIANTS = {
+    "baseline": {},
+    "rope": dict(pos="rope"),
+    "nope": dict(pos="none"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "post_norm": dict(norm_placement="post"),
+    "sandwich_norm": dict(norm_placement="sandwich"),
+    "swiglu": dict(mlp="swiglu"),
+    "moe": dict(mlp="moe", n_experts=4, moe_top_k=2),
+    "no_bias": dict(bias=False),
+    "qk_norm": dict(qk_norm=True),
+    "untied": dict(tie_embeddings=False),
+    "doc_mask": dict(doc_mask=True),
+    "doc_mask_rope_manual": dict(doc_mask=True, pos="rope", attention="manual"),
+    "llama_like": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and several threads stall badly on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed: int = 0, **overrides: object) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def shakespeare_tokens() -> torch.Tensor:
+    """Tiny Shakespeare as bytes, each speech a document preceded by EOT (as in our shards), so that
+    doc_mask has real boundaries to use."""
+    text = shared_file("tinyshakespeare.txt").read_bytes()
+    ids: list[int] = []
+    for speech in text.split(b"\n\n")[:1000]:
+        ids += [BYTE_EOT, *speech]
+    return torch.tensor(ids)
+
+
+def batch(tokens: torch.Tensor, start: int, B: int = 8, T: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.stack([tokens[start + i * (T + 1): start + (i + 1) * (T + 1)] for i in range(B)])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def packed_rows(T: int = 48) -> torch.Tensor:
+    """Three rows of random tokens with different document layouts: two boundaries, one boundary at t=0
+    and one late, and none (a row entirely inside one document)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, BYTE_EOT, (3, T), generator=g)
+    x[0, [7, 30]] = BYTE_EOT
+    x[1, [0, 41]] = BYTE_EOT
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every variant
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_backward_reaches_every_parameter(name):
+    model = tiny(**VARIANTS[name])
+    x = packed_rows()
+    _, loss = model(x, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_future_tokens_do_not_change_earlier_logits(name):
+    model = tiny(**VARIANTS[name]).eval()
+    x = packed_rows()
+    x2 = x.clone()
+    x2[:, 25:] = (x2[:, 25:] + 1) % BYTE_EOT  # also removes the late EOTs: doc boundaries after t=25 change
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x2)
+    assert (a[:, :25] - b[:, :25]).abs().max() < 1e-6
+    assert (a[:, 25:] - b[:, 25:]).abs().max() > 1e-4  # the change is visible where it should be
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_loss_decreases_on_real_text(name, shakespeare_tokens):
+    model = tiny(**VARIANTS[name])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    val_x, val_y = batch(shakespeare_tokens, len(shakespeare_tokens) - 9 * 65)  # held out: the end of the text
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = model(val_x, val_y)[1].item()
+        model.train()
+        return loss
+
+    before = val_loss()
+    for step in range(15):
+        x, y = batch(shakespeare_tokens, step * 8 * 65)
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after = val_loss()
+    print(f"{name}: val loss {before:.3f} -> {after:.3f}")
+    assert after < before - 1.0, f"{name}: val loss {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_checkpoint_round_trip_and_resume_equal_uninterrupted_training(name, tmp_path):
+    x = packed_rows()
+
+    def step(model: GPT, opt: torch.optim.Optimizer, i: int) -> None:
+        model(x.roll(i, dims=1), x.roll(i + 1, dims=1))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    straight = tiny(**VARIANTS[name])
+    opt = torch.optim.AdamW(straight.parameters(), lr=1e-3)
+    for i in range(4):
+        step(straight, opt, i)
+
+    first = tiny(**VARIANTS[name])
+    opt = torch.optim.AdamW(first.parameters(), lr=1e-3)
+    for i in range(2):
+        step(first, opt, i)
+    save_checkpoint({"model": first.state_dict(), "model_config": first.config.to_dict(),
+                     "optimizer": opt.state_dict(), "step": 2}, tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # weights_only=True
+    resumed = model_from_checkpoint(ckpt)
+    assert resumed.config == first.config
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(x)[0], first.eval()(x)[0])
+    resumed.train()
+    opt = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    opt.load_state_dict(ckpt["optimizer"])
+    for i in range(2, 4):
+        step(resumed, opt, i)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_eval_hellaswag_accepts_the_variant(name):
+    eval_hellaswag = pytest.importorskip("eval_hellaswag")
+    model = tiny(**{**VARIANTS[name], **GPT2_VOCAB, "block_size": 256})
+    res = eval_hellaswag.evaluate_hellaswag(model, shared_file("hellaswag_val.jsonl"), limit=3, max_length=256)
+    assert res["n"] == 3 and 0.0 <= res["acc_norm"] <= 1.0
+
+
+def test_eval_lm_accepts_variants(shared_data):
+    """lm-eval's harness through eval_lm.GPTLM on the variants with the most unusual forward passes."""
+    eval_lm = pytest.importorskip("eval_lm")
+    for name in ("moe", "doc_mask_rope_manual", "llama_like"):
+        model = tiny(**{**VARIANTS[name], **GPT2_VOCAB, "block_size": 256})
+        out = eval_lm.run_tasks(model, ["lambada_openai"], data_dir=shared_data, max_length=256, limit=4,
+                                bootstrap_iters=0)
+        (metrics,) = out["results"].values()
+        assert 0.0 <= metrics["acc,none"] <= 1.0, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Positions
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    rope = RotaryPositions(GPTConfig(**TINY, pos="rope"))
+    q, k = torch.randn(2, 1, 2, 10, 16).unbind(0)
+    pos = torch.arange(10)[None]
+
+    def scores(p: torch.Tensor) -> torch.Tensor:
+        _, (cos, sin) = rope.embed(torch.zeros(1), p)
+        return apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-2, -1)
+
+    assert (scores(pos) - scores(pos + 37)).abs().max() < 1e-4  # shift every position: same scores
+    assert (scores(pos) - q @ k.transpose(-2, -1)).abs().max() > 1e-1  # but the rotation does something
+    assert (scores(pos) - scores(pos * 2)).abs().max() > 1e-1  # and distances matter
+
+
+def test_rope_matches_transformers_llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(**TINY, pos="rope", rope_base=500.0)
+    hf_cfg = LlamaConfig(hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    q, k = torch.randn(2, 3, cfg.n_head, 20, cfg.n_embd // cfg.n_head).unbind(0)
+    pos = torch.randint(0, 60, (3, 20))
+    hf_cos, hf_sin = LlamaRotaryEmbedding(hf_cfg)(q, pos)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    _, (cos, sin) = RotaryPositions(cfg).embed(torch.zeros(1), pos)
+    assert (apply_rope(q, cos, sin) - hf_q).abs().max() < 1e-5
+    assert (apply_rope(k, cos, sin) - hf_k).abs().max() < 1e-5
+
+
+def test_document_positions_restart_at_each_eot():
+    x = torch.tensor([[5, 6, EOT, 7, 8, 9, EOT, 1], [EOT, 2, 3, 4, 5, 6, 7, 8]])  # GPT-2's EOT this time
+    doc_ids, pos = document_positions(x, EOT)
+    assert doc_ids.tolist() == [[0, 0, 1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1]]
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Norms
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_norms_match_torch_functional(bias):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**TINY, bias=bias, layer_norm_eps=1e-5)
+    x = torch.randn(3, 7, 32) * 3 + 1
+    rms, ln = NORMS["rmsnorm"](cfg, 32), NORMS["layernorm"](cfg, 32)
+    with torch.no_grad():
+        for p in [*rms.parameters(), *ln.parameters()]:
+            p.normal_()
+    assert (rms(x) - F.rms_norm(x, (32,), rms.weight, eps=1e-5)).abs().max() < 1e-5
+    assert (ln(x) - F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5)).abs().max() < 1e-5
+    assert (ln.bias is not None) == bias
+    assert [n for n, _ in rms.named_parameters()] == ["weight"]  # RMSNorm has no bias in either case
+
+
+def test_bias_false_removes_every_bias():
+    assert not [n for n, _ in tiny(bias=False).named_parameters() if n.endswith(".bias")]
+    assert [n for n, _ in tiny(bias=True).named_parameters() if n.endswith(".bias")]
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich"])
+def test_norm_placements_compute_their_formulas(placement):
+    """One block, attention and MLP replaced by known functions, against the formula written out."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    block = GPT(GPTConfig(**TINY, norm_placement=placement)).transformer.h[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+    f, g = (lambda h: torch.tanh(h) * 2), (lambda h: h.sin() + 1)
+    block.attn.forward = lambda h, rope, mask: f(h)
+    block.mlp = _Fn(g)
+    ln1, ln2 = block.ln_1, block.ln_2
+    with torch.no_grad():
+        if placement == "pre":  # GPT-2
+            h = x + f(ln1(x))
+            expected = h + g(ln2(h))
+        elif placement == "post":  # Vaswani et al. 2017
+            h = ln1(x + f(x))
+            expected = ln2(h + g(h))
+        else:  # sandwich: a second, separate norm on each sublayer's output
+            assert block.ln_1_out is not ln1 and isinstance(block.ln_1_out, nn.LayerNorm)
+            h = x + block.ln_1_out(f(ln1(x)))
+            expected = h + block.ln_2_out(g(ln2(h)))
+        assert (block(x, None, None) - expected).abs().max() < 1e-6
+    final = GPT(GPTConfig(**TINY, norm_placement=placement)).transformer.ln_f
+    assert isinstance(final, nn.Identity) == (placement == "post")  # post-norm's output is already normalized
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):  # noqa: ANN001
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def test_qk_norm_normalizes_each_head():
+    model = tiny(qk_norm=True)
+    attn = model.transformer.h[0].attn
+    assert attn.q_norm.normalized_shape == (16,) and attn.k_norm.normalized_shape == (16,)  # head size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Document masking
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pos="rope"), dict(pos="none"), dict(attention="manual"),
+                                       dict(norm="rmsnorm", mlp="swiglu", qk_norm=True)])
+def test_doc_mask_second_document_equals_it_run_alone(overrides):
+    model = tiny(**overrides, doc_mask=True).eval()
+    g = torch.Generator().manual_seed(1)
+    doc1, doc2 = torch.randint(0, BYTE_EOT, (19,), generator=g), torch.randint(0, BYTE_EOT, (24,), generator=g)
+    eot = torch.tensor([BYTE_EOT])
+    packed, alone = torch.cat([eot, doc1, eot, doc2])[None], torch.cat([eot, doc2])[None]
+    with torch.no_grad():
+        packed_logits = model(packed)[0][0, 20:]
+        assert (packed_logits - model(alone)[0][0]).abs().max() < 1e-5
+        model.config.doc_mask = False  # the same weights without the mask: the first document leaks in
+        assert (model(packed)[0][0, 20:] - packed_logits).abs().max() > 1e-4
+
+
+def _same_weights(reference: GPT, **overrides: object) -> GPT:
+    model = GPT(GPTConfig(**{**reference.config.to_dict(), **overrides})).eval()
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_doc_mask_kernels_agree(pos):
+    dense = tiny(doc_mask=True, pos=pos).eval()
+    x = packed_rows()
+    with torch.no_grad():
+        ref = dense(x)[0]
+        assert (_same_weights(dense, attention="manual")(x)[0] - ref).abs().max() < 1e-5
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            pytest.skip("torch.nn.attention.flex_attention needs torch >= 2.5")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "called without torch.compile": expected on CPU
+            assert (_same_weights(dense, attention="flex")(x)[0] - ref).abs().max() < 1e-5
+            assert (_same_weights(dense, attention="flex", doc_mask=False)(x)[0]
+                    - _same_weights(dense, doc_mask=False)(x)[0]).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn needs a CUDA GPU")
+def test_flash_attn_varlen_agrees_with_dense_mask():
+    pytest.importorskip("flash_attn")
+    dense = tiny(doc_mask=True, pos="rope").cuda().eval()
+    x = packed_rows().cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = dense(x)[0].float()
+        flash = _same_weights(dense, attention="flash_attn").cuda()(x)[0].float()
+    assert (flash - ref).abs().max() < 2e-2  # bf16
+
+
+def test_flex_refuses_to_train_on_cpu():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = tiny(attention="flex")
+    x = packed_rows()
+    with warnings.catch_warnings(), pytest.raises(UserError, match="sdpa"):
+        warnings.simplefilter("ignore")
+        model(x, x)
+
+
+def test_flash_attn_without_the_package_is_a_user_error():
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="flash-attn"):
+        tiny(attention="flash_attn")(packed_rows())
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLPs
+
+
+def test_moe_with_one_expert_top1_equals_the_dense_mlp():
+    dense = tiny()
+    moe = tiny(seed=1, mlp="moe", n_experts=1, moe_top_k=1)
+    state = {k.replace(".mlp.", ".mlp.experts.0."): v for k, v in dense.state_dict().items()}
+    state |= {k: v for k, v in moe.state_dict().items() if "router" in k}  # the router's own random weights
+    moe.load_state_dict(state)
+    x = packed_rows()
+    with torch.no_grad():
+        dense_logits, dense_loss = dense.eval()(x, x)
+        moe_logits, moe_loss = moe.eval()(x, x)
+        assert (moe_logits - dense_logits).abs().max() < 1e-5
+        assert (moe_loss - dense_loss).abs() < 1e-5  # eval: no aux loss
+        _, train_loss = moe.train()(x, x)
+        assert moe.aux_loss.item() == pytest.approx(1.0)  # one expert gets everything: E * 1 * 1 = 1
+        assert (train_loss - (dense_loss + moe.config.moe_aux_loss_coef * 1.0)).abs() < 1e-5
+
+
+def test_moe_equals_a_per_token_loop():
+    torch.manual_seed(0)
+    moe = MoEMLP(GPTConfig(**TINY, mlp="moe", n_experts=4, moe_top_k=2))
+    x = torch.randn(2, 9, 32)
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(9):
+            scores = moe.router(x[b, t])
+            top, chosen = scores.topk(2)
+            for w, e in zip(top.softmax(-1), chosen.tolist()):
+                expected[b, t] += w * moe.experts[e](x[b, t])
+    assert (moe(x) - expected).abs().max() < 1e-5
+
+
+def test_moe_aux_loss_is_the_switch_balance_loss():
+    torch.manual_seed(0)
+    moe = MoEMLP(GPTConfig(**TINY, mlp="moe", n_experts=4, moe_top_k=1))
+    x = torch.rand(64, 32)  # positive, so a positive router row wins for every token
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: E * sum_e f_e * (1/E) = 1 whatever f is
+        moe(x)
+        assert moe.aux_loss.item() == pytest.approx(1.0)
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1000.0  # every token to expert 0 with probability ~1: E * 1 * 1
+        moe(x)
+        assert moe.aux_loss.item() == pytest.approx(4.0, rel=1e-3)
+
+
+def test_moe_aux_loss_is_finite_logged_and_trains_the_router():
+    model = tiny(mlp="moe", n_experts=4, moe_top_k=2)
+    x = packed_rows()
+    logits, loss = model(x, x)
+    aux = model.aux_loss
+    assert torch.isfinite(aux) and aux.item() >= 0.99
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x.reshape(-1))
+    assert (loss - (ce + model.config.moe_aux_loss_coef * aux)).abs() < 1e-5
+    aux.backward()  # the aux loss alone reaches the router
+    assert model.transformer.h[0].mlp.router.weight.grad.abs().sum() > 0
+    dense = tiny()
+    dense(x, x)
+    assert dense.aux_loss is None  # dense models report none
+
+
+def test_moe_flops_count_only_the_experts_a_token_uses():
+    dense, moe = tiny(), tiny(mlp="moe", n_experts=4, moe_top_k=2)
+    expert = sum(p.numel() for p in moe.transformer.h[0].mlp.experts[0].parameters())
+    router = moe.transformer.h[0].mlp.router.weight.numel()
+    extra = TINY["n_layer"] * (expert + router)  # per layer: one more expert than dense, plus the router
+    assert moe.estimate_flops_per_token(64) == dense.estimate_flops_per_token(64) + 6 * extra
+
+
+def test_swiglu_hidden_size_matches_gelu_parameters():
+    assert swiglu_hidden(768) == 2048 and swiglu_hidden(128) == 384 and swiglu_hidden(1024) == 2752
+    for d in (768, 1024):
+        cfg = GPTConfig(n_embd=d, n_head=8, bias=False)
+        gelu, swiglu = (sum(p.numel() for p in MLPS[m](cfg).parameters()) for m in ("gelu", "swiglu"))
+        assert abs(swiglu - gelu) / gelu < 0.01, (d, gelu, swiglu)  # exact for 768
+    assert GeluMLP(GPTConfig(n_embd=32, n_head=2, mlp_hidden=50)).c_fc.out_features == 50
+
+
+def test_untied_head_is_a_separate_parameter():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() == tied.num_params() + untied.lm_head.weight.numel()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_default_config_is_gpt2_and_export_refuses_variants(tmp_path):
+    cfg = GPTConfig()
+    assert (cfg.pos, cfg.norm, cfg.norm_placement, cfg.mlp, cfg.bias, cfg.qk_norm, cfg.tie_embeddings,
+            cfg.doc_mask) == ("learned", "layernorm", "pre", "gelu", True, False, True, False)
+    with pytest.raises(UserError, match="pos='rope'"):
+        export_hf_gpt2(tiny(pos="rope"), tmp_path)
+    with pytest.raises(UserError, match="mlp='moe'"):
+        export_hf_gpt2(tiny(mlp="moe"), tmp_path)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(pos="alibi"), "pos"), (dict(norm_placement="middle"), "norm_placement"),
+                                        (dict(mlp="moe", n_experts=2, moe_top_k=3), "moe_top_k"),
+                                        (dict(pos="rope", n_embd=30, n_head=2), "even"),
+                                        (dict(attention="flex", dropout=0.1), "flex")])
+def test_bad_config_is_one_line_user_error(bad, match):
+    with pytest.raises(UserError, match=match) as e:
+        GPTConfig(**bad)
+    assert "\n" not in str(e.value)
+
+
+def test_ablation_config_files_are_one_small_diff_from_the_baseline():
+    train = pytest.importorskip("train")
+    root = REPO
+    files = sorted(glob.glob(str(root / "config/ablations/*.py")))
+    assert len(files) >= 12
+    base = train.model_config(train.load_config([str(root / "config/ablations/baseline.py")]))
+    for f in files:
+        cfg = train.load_config([f])
+        mc = train.model_config(cfg)
+        diff = {k for k, v in mc.to_dict().items() if v != getattr(base, k)}
+        assert Path(f).stem == "baseline" or (1 <= len(diff) <= 4 and cfg.out_dir.endswith(Path(f).stem)), (f, diff)
+        assert GPT(mc).num_params() > 0
