@@ -233,7 +233,8 @@ def evaluate_hellaswag(
         device = next(net.parameters()).device
     block_size = getattr(getattr(net, "config", None), "block_size", max_length)
     if max_length > block_size:
-        raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}")
+        raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}; "
+                            f"pass --max-length {block_size} or less")
     examples = _rendered(None if data_path is None else str(data_path), limit)
     mine = list(range(rank, len(examples), world_size))
     was_training = net.training

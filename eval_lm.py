@@ -37,7 +37,8 @@ class GPTLM(TemplateLM):
         self._device = torch.device(device) if device is not None else next(self.model.parameters()).device
         block_size = getattr(getattr(self.model, "config", None), "block_size", max_length)
         if max_length > block_size:
-            raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}")
+            raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}; "
+                            f"pass --max-length {block_size} or less")
         self._max_length = max_length
         self.batch_size = batch_size
         self.dtype = dtype
