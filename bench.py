@@ -143,13 +143,15 @@ def batches(args: object, cfg: TrainConfig, vocab_size: int, device: torch.devic
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
-              plain: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]:
+              plain: bool, cudagraphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]:
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.grad_clip or float("inf")
     autocast = perf.autocast_context(device.type, cfg.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
 
     def fast_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if cudagraphs:  # outputs of a replayed graph are overwritten by the next replay: clone what we keep
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             _, loss = model(x, y)
         scaler.scale(loss).backward()
@@ -158,7 +160,7 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConf
         scaler.step(opt)  # with fp16 this reads the inf flag back (a sync); bf16/fp32 never sync here
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()  # read later, not now: no host-device sync in the step
+        return loss.detach().clone()  # read later, not now: no host-device sync in the step
 
     def plain_step(x: torch.Tensor, y: torch.Tensor) -> float:  # nanoGPT's loop body, read every step
         with autocast:
@@ -206,7 +208,8 @@ def run(args: object) -> dict:
     model = raw_model
     if cfg.compile and not args.plain:
         model = torch.compile(raw_model, mode=None if args.compile_mode == "default" else args.compile_mode)
-    step = make_step(model, opt, cfg, device, args.plain)
+    step = make_step(model, opt, cfg, device, args.plain,
+                     cudagraphs=model is not raw_model and args.compile_mode == "reduce-overhead")
     data = batches(args, cfg, mc.vocab_size, device, pinned=not args.plain)
     B, T = cfg.micro_batch, cfg.seq_len
     print(f"bench: {cfg.model} ({raw_model.num_params() / 1e6:.1f}M params, vocab {mc.padded_vocab_size}) on "
