@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -199,7 +200,7 @@ NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 
 
 class Placement(NamedTuple):
-    sublayer: object  # (x, f, norm_in, norm_out) -> x after the residual sublayer f
+    sublayer: Callable[..., torch.Tensor]  # (x, f, norm_in, norm_out) -> x after the residual sublayer f
     norms_after: bool  # does the block need norm_out (sandwich)?
     final_norm: bool  # is there a norm before the output head?
 

@@ -260,8 +260,10 @@ def test_norms_match_torch_functional(bias):
     with torch.no_grad():
         for p in [*rms.parameters(), *ln.parameters()]:
             p.normal_()
-    assert (rms(x) - F.rms_norm(x, (32,), rms.weight, eps=1e-5)).abs().max() < 1e-5
-    assert (ln(x) - F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5)).abs().max() < 1e-5
+    for scale in (1.0, 1e-3):  # at 1e-3 the mean square is near eps, so eps must be where F puts it
+        y = x * scale
+        assert (rms(y) - F.rms_norm(y, (32,), rms.weight, eps=1e-5)).abs().max() < 1e-5
+        assert (ln(y) - F.layer_norm(y, (32,), ln.weight, ln.bias, eps=1e-5)).abs().max() < 1e-5
     assert (ln.bias is not None) == bias
     assert [n for n, _ in rms.named_parameters()] == ["weight"]  # RMSNorm has no bias in either case
 
