@@ -208,11 +208,11 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def _stderr(correct: float, n: float) -> float:
-    """lm-eval's mean_stderr for 0/1 values: sample std (n-1) / sqrt(n)."""
+    """lm-eval's mean_stderr (sample std with n-1, over sqrt(n)), which for 0/1 values is sqrt(p(1-p)/(n-1))."""
     if n < 2:
         return float("nan")
     p = correct / n
-    return math.sqrt(p * (1 - p) * n / (n - 1) / n)
+    return math.sqrt(p * (1 - p) / (n - 1))
 
 
 @torch.no_grad()
@@ -234,7 +234,7 @@ def evaluate_hellaswag(
     block_size = getattr(getattr(net, "config", None), "block_size", max_length)
     if max_length > block_size:
         raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}; "
-                            f"pass --max-length {block_size} or less")
+                        f"pass --max-length {block_size} or less")
     examples = _rendered(None if data_path is None else str(data_path), limit)
     mine = list(range(rank, len(examples), world_size))
     was_training = net.training
