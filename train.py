@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -314,6 +315,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.name = ""
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -322,9 +324,8 @@ class StopFlag:
                 pass
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        print(f"received {signal.Signals(signum).name}: finishing this step, then checkpoint and exit",
-              flush=True)
+        self.requested = True  # no printing here: a handler that prints can interrupt a print (reentrancy)
+        self.name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -382,12 +383,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / cfg.total_batch_tokens)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
-    log = print if d.master else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if d.master else (lambda *a, **k: None)
 
     torch.manual_seed(cfg.seed + d.rank)
     if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts (Ampere and newer)
 
     # --- model (+ checkpoint) --------------------------------------------------------------------------
     ckpt = None
@@ -417,6 +417,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # evaluation skips DDP: ranks run different numbers of eval batches
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
@@ -502,7 +503,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
     def evaluate(step: int) -> float:
         nonlocal best_val
-        val = estimate_val_loss(model, cfg, d, autocast)
+        val = estimate_val_loss(eval_model, cfg, d, autocast)
         best_val = min(best_val, val)
         rec = {"step": step, "tokens": tokens_seen, "val_loss": val}
         if cfg.hellaswag_interval and step % cfg.hellaswag_interval == 0:
@@ -585,7 +586,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 record(rec)
                 log(f"step {step - 1}/{max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
                     f"{tok_s:,.0f} tok/s | {dt * 1000:.0f} ms" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-                    + (f" | mem {mem:.1f} GiB" if mem is not None else ""), flush=True)
+                    + (f" | mem {mem:.1f} GiB" if mem is not None else ""))
 
             if bad_steps and bad_steps >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"stopping: {bad_steps} consecutive steps with a non-finite loss or gradient "
@@ -593,7 +594,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                                        f"resume from the last checkpoint ({ckpt_path})")
             if stop_now:
                 save(step)
-                log(f"stopped at step {step} by signal; continue with --init_from=resume")
+                log(f"stopped at step {step} by {stop.name or 'a signal on another rank'}; continue with "
+                    "--init_from=resume")
                 stopped = True
                 break
             if step == max_steps and cfg.eval_interval:
