@@ -267,3 +267,22 @@ def test_unigram_level_claim(shakespeare):
     counts = np.bincount(tr, minlength=50257) + 1e-3
     xent = float(-np.log(counts[va] / counts.sum()).mean())
     assert 6.3 < xent < 6.8 and math.log(50257) > 10.8
+
+
+def test_init_from_hf_folder(data, tmp_path):
+    """init_from=<HF folder>: the step-0 val loss equals transformers' GPT2LMHeadModel on the same rows."""
+    transformers = pytest.importorskip("transformers")
+    from data import TokenLoader
+    from model import export_hf_gpt2
+
+    torch.manual_seed(0)
+    hf_dir = export_hf_gpt2(GPT(GPTConfig(**TINY)), tmp_path / "hf")
+    out = tmp_path / "ft"
+    train.train(in_process_cfg(data, out, init_from=str(hf_dir), model_overrides={}, max_steps=1, eval_iters=3))
+    ours = metrics(out)[1][0]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    loader = TokenLoader(data, "val", 2, 16, shuffle=False)
+    with torch.no_grad():
+        ref = np.mean([torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+                       for x, y in (loader.next_batch() for _ in range(3))])
+    assert ours[0] == 0 and ours[1] == pytest.approx(float(ref), abs=1e-5)
