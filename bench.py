@@ -5,6 +5,7 @@
     python bench.py --batch-size 2 --seq-len 256 --dtype fp32  # CPU-sized 124M step
     python bench.py --data data/shakespeare                # real TokenLoader batches instead of random tokens
     python bench.py --plain                                # the plain nanoGPT-style loop, every fast path off
+    python bench.py config/shakespeare_cpu.py --vs-plain   # + fast and plain steps alternated: time ratio
 
 One measured step = next batch (host) -> pinned non-blocking copy to the device -> forward under autocast ->
 backward -> grad clip -> AdamW -> zero_grad, on one micro-batch. The first --warmup steps (which include
@@ -42,7 +43,7 @@ JSON_FIELDS = (
     "dtype", "compile", "compile_mode", "attention", "fused_adamw", "pad_vocab", "tf32", "plain", "data",
     "warmup", "steps", "step_ms", "step_ms_median", "step_ms_min", "step_ms_max", "tokens_per_s",
     "achieved_tflops", "peak_tflops", "mfu", "ceiling_tflops", "mfu_vs_ceiling", "peak_memory_bytes",
-    "memory_kind", "first_step_s", "compile_s", "loss_first", "loss_last",
+    "memory_kind", "first_step_s", "compile_s", "loss_first", "loss_last", "vs_plain",
 )
 
 
@@ -68,6 +69,8 @@ def parse_args(argv: list[str]) -> object:
     p.add_argument("--plain", action="store_true",
                    help="plain nanoGPT-style loop: eager, vocab 50257, foreach AdamW, no TF32, pageable copies, "
                         "loss.item() every step (the reference the fast paths are measured against)")
+    p.add_argument("--vs-plain", action="store_true",
+                   help="then alternate fast and --plain steps in this process and report the time ratio")
     p.add_argument("--data", metavar="DIR", help="real-loader mode: batches from data.TokenLoader over DIR's "
                    "train split (default: random tokens, no disk I/O)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -176,6 +179,58 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConf
     return plain_step if plain else fast_step
 
 
+def build(args: object, cfg: TrainConfig, device: torch.device, plain: bool) -> tuple:
+    """Model, (compiled) callable, step function and model FLOPs/token for the fast or the plain path."""
+    torch.manual_seed(args.seed)
+    mc = model_config(cfg)
+    pad = 1 if plain or args.pad_vocab == "off" else max(64, mc.pad_vocab_multiple)
+    mc = dataclasses.replace(mc, pad_vocab_multiple=pad)
+    raw_model = GPT(mc).to(device)
+    # Model FLOPs: the padding rows of the output head are computed but are not part of the model.
+    pad_rows = mc.padded_vocab_size - mc.vocab_size
+    flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len) - 6 * pad_rows * mc.n_embd
+    fused = False if plain else {"auto": None, "on": True, "off": False}[args.fused_adamw]
+    opt = perf.make_adamw(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                          eps=cfg.eps, fused=fused)
+    model = raw_model
+    if cfg.compile and not plain:
+        model = torch.compile(raw_model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    step = make_step(model, opt, cfg, device, plain,
+                     cudagraphs=model is not raw_model and args.compile_mode == "reduce-overhead")
+    return raw_model, model, step, bool(opt.defaults.get("fused")), mc, flops_per_token
+
+
+def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Callable, fast_data: Iterator) -> dict:
+    """Fast step and plain step alternated in this process (A B A B ...), so that load from other processes
+    hits both alike; ratio = plain step time / fast step time per pair (> 1: the fast path is faster).
+    Each step is synchronised here, so on CUDA this hides the fast path's sync-free advantage."""
+    perf.configure_backends(tf32=False)
+    _, _, plain_step, _, _, _ = build(args, cfg, device, plain=True)
+    plain_data = batches(args, cfg, cfg_vocab(cfg), device, pinned=False)
+    for _ in range(max(1, args.warmup)):
+        plain_step(*next(plain_data))
+    tf32 = device.type == "cuda" and not args.no_tf32
+    times: dict[str, list[float]] = {"fast": [], "plain": []}
+    for _ in range(args.steps):
+        for name, step, data in (("fast", fast_step, fast_data), ("plain", plain_step, plain_data)):
+            perf.configure_backends(tf32=tf32 and name == "fast")
+            t0 = time.perf_counter()
+            out = step(*next(data))
+            if isinstance(out, torch.Tensor):
+                perf.sync(device)
+            times[name].append(time.perf_counter() - t0)
+    perf.configure_backends(tf32=tf32)
+    ratios = sorted(p / f for f, p in zip(times["fast"], times["plain"]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"pairs": args.steps, "fast_ms_median": statistics.median(times["fast"]) * 1e3,
+            "plain_ms_median": statistics.median(times["plain"]) * 1e3, "ratio_median": statistics.median(ratios),
+            "ratio_q1": q[0], "ratio_q3": q[2], "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
+def cfg_vocab(cfg: TrainConfig) -> int:
+    return model_config(cfg).vocab_size
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
@@ -189,28 +244,11 @@ def run(args: object) -> dict:
         from data import load_meta
 
         load_meta(args.data)  # a missing or incomplete dataset fails before the model is built
-    torch.manual_seed(args.seed)
     tf32 = device.type == "cuda" and not (args.no_tf32 or args.plain)
     perf.configure_backends(tf32=tf32)
-    mc = model_config(cfg)
-    pad = 1 if args.plain or args.pad_vocab == "off" else max(64, mc.pad_vocab_multiple)
-    mc = dataclasses.replace(mc, pad_vocab_multiple=pad)
-    raw_model = GPT(mc).to(device)
-    # Model FLOPs: the padding rows of the output head are computed but are not part of the model.
-    pad_rows = mc.padded_vocab_size - mc.vocab_size
-    flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len) - 6 * pad_rows * mc.n_embd
-    fused = {"auto": None, "on": True, "off": False}[args.fused_adamw]
-    if args.plain:
-        fused = False
-    opt = perf.make_adamw(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                          eps=cfg.eps, fused=fused)
-    fused = bool(opt.defaults.get("fused"))
-    model = raw_model
-    if cfg.compile and not args.plain:
-        model = torch.compile(raw_model, mode=None if args.compile_mode == "default" else args.compile_mode)
-    step = make_step(model, opt, cfg, device, args.plain,
-                     cudagraphs=model is not raw_model and args.compile_mode == "reduce-overhead")
+    raw_model, model, step, fused, mc, flops_per_token = build(args, cfg, device, args.plain)
     data = batches(args, cfg, mc.vocab_size, device, pinned=not args.plain)
+    pad = mc.pad_vocab_multiple
     B, T = cfg.micro_batch, cfg.seq_len
     print(f"bench: {cfg.model} ({raw_model.num_params() / 1e6:.1f}M params, vocab {mc.padded_vocab_size}) on "
           f"{device} | B={B} x T={T} | {cfg.dtype} | {'compiled' if model is not raw_model else 'eager'} | "
@@ -249,6 +287,7 @@ def run(args: object) -> dict:
     loss_values = [float(v) for v in losses]  # the only reads of device values
     if args.profile:
         profile(step, data, device)
+    ab = vs_plain(args, cfg, device, step, data) if args.vs_plain and not args.plain else None
 
     tokens_per_s = B * T * args.steps / total_s
     achieved = flops_per_token * tokens_per_s
@@ -284,6 +323,7 @@ def run(args: object) -> dict:
         # compile time = the first (compiling) step minus an ordinary step
         "compile_s": max(0.0, first_s - median_s) if first_s is not None and model is not raw_model else None,
         "loss_first": loss_values[0], "loss_last": loss_values[-1],
+        "vs_plain": ab,
     }
     report(res)
     return res
@@ -319,6 +359,11 @@ def report(r: dict) -> None:
     if r["compile_s"] is not None:
         print(f"compile: {r['compile_s']:.1f} s (first step {r['first_step_s']:.1f} s minus a median step)")
     print(f"loss: first {r['loss_first']:.4f}, last {r['loss_last']:.4f}")
+    if r["vs_plain"]:
+        v = r["vs_plain"]
+        print(f"vs plain loop, {v['pairs']} alternated step pairs: fast {v['fast_ms_median']:.1f} ms, plain "
+              f"{v['plain_ms_median']:.1f} ms (medians); plain/fast per pair: median {v['ratio_median']:.3f}, "
+              f"quartiles {v['ratio_q1']:.3f}-{v['ratio_q3']:.3f}, range {v['ratio_min']:.3f}-{v['ratio_max']:.3f}")
 
 
 def main() -> None:

@@ -64,6 +64,14 @@ def test_plain_loop_and_switches() -> None:
     assert res["loss_first"] == pytest.approx(math.log(500), abs=0.3)
 
 
+def test_vs_plain_alternates_fast_and_plain_steps() -> None:
+    res = run_bench("--vs-plain", "--steps", "4")
+    v = res["vs_plain"]
+    assert v["pairs"] == 4 and v["fast_ms_median"] > 0 and v["plain_ms_median"] > 0
+    assert 0 < v["ratio_min"] <= v["ratio_q1"] <= v["ratio_median"] <= v["ratio_q3"] <= v["ratio_max"]
+    assert run_bench()["vs_plain"] is None
+
+
 def test_config_file_sets_model_and_batch(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.py"
     cfg.write_text("model = 'gpt2'\nmodel_overrides = {'n_layer': 1, 'n_head': 2, 'n_embd': 32}\n"
