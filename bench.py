@@ -201,7 +201,7 @@ def build(args: object, cfg: TrainConfig, device: torch.device, plain: bool) -> 
 
 
 def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Callable, fast_data: Iterator) -> dict:
-    """Fast step and plain step alternated in this process (A B A B ...), so that load from other processes
+    """Fast step and plain step alternated in this process (A B B A A B ...), so that load from other processes
     hits both alike; ratio = plain step time / fast step time per pair (> 1: the fast path is faster).
     Each step is synchronised here, so on CUDA this hides the fast path's sync-free advantage."""
     perf.configure_backends(tf32=False)
@@ -211,8 +211,9 @@ def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Ca
         plain_step(*next(plain_data))
     tf32 = device.type == "cuda" and not args.no_tf32
     times: dict[str, list[float]] = {"fast": [], "plain": []}
-    for _ in range(args.steps):
-        for name, step, data in (("fast", fast_step, fast_data), ("plain", plain_step, plain_data)):
+    pair = (("fast", fast_step, fast_data), ("plain", plain_step, plain_data))
+    for i in range(args.steps):
+        for name, step, data in pair if i % 2 == 0 else pair[::-1]:  # A B, B A, ...: no order bias
             perf.configure_backends(tf32=tf32 and name == "fast")
             t0 = time.perf_counter()
             out = step(*next(data))
