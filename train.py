@@ -541,6 +541,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=d.device)
+            aux_sum = torch.zeros((), device=d.device)  # MoE load-balancing loss (already inside loss)
             for micro in range(grad_accum):
                 x, y = (t.to(d.device, non_blocking=True) for t in loader.next_batch())
                 sync = micro == grad_accum - 1 or not d.enabled
@@ -548,6 +549,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                     _, loss = model(x, y)
                     loss = loss / grad_accum
                 loss_sum += loss.detach()
+                if raw_model.aux_loss is not None:
+                    aux_sum += raw_model.aux_loss.detach() / grad_accum
                 scaler.scale(loss).backward()
             # one all-reduce carries the mean loss and whether any rank was asked to stop
             packed = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=d.device)])
@@ -583,6 +586,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
                 rec = {"step": step - 1, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                        "tok_per_s": tok_s, "mfu": mfu, "step_ms": dt * 1000, "peak_mem_gib": mem}
+                if raw_model.aux_loss is not None:
+                    rec["moe_aux_loss"] = aux_sum.item()  # this rank's; `loss` includes coef * this
                 record(rec)
                 log(f"step {step - 1}/{max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
                     f"{tok_s:,.0f} tok/s | {dt * 1000:.0f} ms" + (f" | mfu {mfu:.1%}" if mfu is not None else "")

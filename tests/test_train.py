@@ -286,3 +286,14 @@ def test_init_from_hf_folder(data, tmp_path):
         ref = np.mean([torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
                        for x, y in (loader.next_batch() for _ in range(3))])
     assert ours[0] == 0 and ours[1] == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_moe_aux_loss_is_logged(data, tmp_path):
+    moe = {**TINY, "mlp": "moe", "n_experts": 4, "moe_top_k": 2}
+    train.train(in_process_cfg(data, tmp_path, model_overrides=moe, max_steps=2, eval_interval=0))
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aux = [r["moe_aux_loss"] for r in recs if "loss" in r]
+    assert len(aux) == 2 and all(math.isfinite(a) and a > 0 for a in aux)
+    dense_out = tmp_path / "dense"
+    train.train(in_process_cfg(data, dense_out, max_steps=1, eval_interval=0))
+    assert "moe_aux_loss" not in (dense_out / "metrics.jsonl").read_text()
