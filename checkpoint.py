@@ -7,8 +7,12 @@ then os.replace'd: a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,18 +23,49 @@ from model import GPT, GPTConfig, load_hf_gpt2
 FORMAT_VERSION = 1
 
 
+class CheckpointWriteError(UserError):
+    """The checkpoint could not be written (disk full, unwritable folder); the previous one is unchanged."""
+
+
+def _write(state: dict, f: io.BufferedWriter) -> None:
+    """torch.save into f. $CKPT_TEST_FAULT (tests/test_faults.py only) writes half the bytes, then either fails
+    like a full disk ("enospc") or announces itself on stdout and sleeps ("slow:SECONDS") so a test can kill it."""
+    fault = os.environ.get("CKPT_TEST_FAULT")
+    if not fault:
+        torch.save(state, f)
+        return
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    if fault == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    print("checkpoint write in progress", file=sys.stdout, flush=True)
+    time.sleep(float(fault.split(":")[1]))
+    f.write(data[len(data) // 2 :])
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
+            _write({"format": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk space or "
+                                       "choose a writable out_dir (the previous checkpoint, if any, is unchanged)"
+                                       ) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:

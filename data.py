@@ -114,6 +114,7 @@ class TokenLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.shards = open_split(data_dir, split)
+        self.vocab_size = int(load_meta(data_dir).get("vocab_size", 50257))
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         rows = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
@@ -144,6 +145,11 @@ class TokenLoader:
         mine = self._order[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
         self.pos += need
         buf = torch.from_numpy(np.stack([self._row(int(g)) for g in mine]).astype(np.int64))
+        if int(buf.max()) >= self.vocab_size:  # per batch: cheap, unlike scanning a 10B-token split up front
+            g = int(mine[int(buf.amax(dim=1).argmax())])
+            f = self.shards[int(np.searchsorted(self.row_start, g, side="right")) - 1].filename
+            raise DataError(f"shard {f} contains token id {int(buf.max())} >= vocab_size {self.vocab_size} of "
+                            "meta.json: corrupt or another tokenizer's tokens; re-run prepare_data.py --overwrite")
         return buf[:, :-1], buf[:, 1:]
 
     def __iter__(self) -> TokenLoader:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime
 import difflib
 import functools
 import json
@@ -52,7 +53,9 @@ class TrainConfig:
     # data / output
     data_dir: str = "data/openwebtext"  # prepared by prepare_data.py (meta.json + uint16 shards)
     out_dir: str = "out/gpt2"
-    init_from: str = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | a Hugging Face GPT-2 folder/hub name
+    # "scratch" | "resume" (out_dir/ckpt.pt) | "auto" (resume if out_dir/ckpt.pt exists, else scratch: for
+    # schedulers and torchrun --max_restarts) | a Hugging Face GPT-2 folder/hub name
+    init_from: str = "scratch"
     # model: a preset of model.PRESETS plus any GPTConfig fields, e.g. {"n_layer": 4, "pos": "rope"}
     model: str = "gpt2"
     model_overrides: dict = field(default_factory=dict)
@@ -77,6 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (minutes of compile on first steps; faster after)
     zero1: bool = True  # shard AdamW state across ranks (ZeroRedundancyOptimizer); ignored with one process
     backend: str = "auto"  # torch.distributed backend: auto = nccl on CUDA, gloo on CPU
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a rank crashed or hangs) fails the job, no hang
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (fp32/bf16; fp16's scaler skips)
     # evaluation / logging / checkpoints (all intervals in optimizer steps; 0 = never)
@@ -190,6 +194,8 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{k}={getattr(cfg, k)} must be >= 0")
+    if cfg.dist_timeout_s <= 0:
+        raise ConfigError(f"dist_timeout_s={cfg.dist_timeout_s} must be positive")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}")
     model_config(cfg)  # checks the preset and overrides
@@ -268,7 +274,8 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     return Dist(rank, local_rank, world, device)
 
 
@@ -338,6 +345,31 @@ class TrainingDiverged(Exception):
     pass
 
 
+def _test_faults() -> dict:
+    """Fault injection for tests/test_faults.py only: JSON in $TRAIN_TEST_FAULTS (never set in real runs).
+    "nan_steps": [k, ...] steps whose loss is made NaN; "nan_from": k, every step from k on; "crash" / "hang":
+    {"step": k, "rank": r, "once": marker_path} exits with code 17 / sleeps at the start of step k on rank r
+    (with "once": only if the marker file does not exist yet, which it then creates)."""
+    text = os.environ.get("TRAIN_TEST_FAULTS")
+    return json.loads(text) if text else {}
+
+
+def _inject_faults(faults: dict, step: int, rank: int) -> None:
+    for kind in ("crash", "hang"):
+        f = faults.get(kind)
+        if not f or f["step"] != step or f.get("rank", 0) != rank:
+            continue
+        if f.get("once"):
+            if Path(f["once"]).exists():
+                continue
+            Path(f["once"]).touch()
+        print(f"injected fault: {kind} on rank {rank} at step {step}", file=sys.stderr, flush=True)
+        if kind == "crash":
+            os._exit(17)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung for good, but torchrun may still stop it
+        time.sleep(3600)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -366,6 +398,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run the training loop; returns {"losses": [per-step loss], "step", "val_loss", "stopped"}."""
     validate(cfg)
     load_meta(cfg.data_dir)  # a missing / incomplete dataset fails here, before any process group work
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
     d = setup_distributed(cfg)
     try:
         return _train(cfg, d)
@@ -391,6 +426,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
     # --- model (+ checkpoint) --------------------------------------------------------------------------
     ckpt = None
+    faults = _test_faults()
+    if cfg.init_from == "auto":
+        cfg = dataclasses.replace(cfg, init_from="resume" if ckpt_path.is_file() else "scratch")
     if cfg.init_from == "resume":
         if not ckpt_path.is_file():
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist; train from scratch first "
@@ -412,6 +450,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         model = GPT(GPTConfig(**{**hf.config.to_dict(), **extra}))
         model.load_state_dict(hf.state_dict())
     raw_model = model.to(d.device)
+    data_vocab = int(load_meta(cfg.data_dir).get("vocab_size", 50257))
+    if raw_model.config.vocab_size < data_vocab:
+        raise ConfigError(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the dataset's "
+                          f"({data_vocab}, {cfg.data_dir}/meta.json); set model_overrides vocab_size >= {data_vocab}")
     if cfg.seq_len > raw_model.config.block_size:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's block_size={raw_model.config.block_size}")
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
@@ -458,8 +500,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     # --- logging -----------------------------------------------------------------------------------------
     metrics_path = out_dir / "metrics.jsonl"
     if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)  # drop records a killed run wrote after its last checkpoint
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create out_dir {out_dir}: {e.strerror}; choose another out_dir") from e
+        if step < max_steps:  # (resuming a finished run has nothing to redo: its final val record stays)
+            _truncate_metrics(metrics_path, step)  # drop records a killed run wrote after its last checkpoint
     wandb_run = None
     if cfg.wandb_log and d.master:
         import wandb
@@ -471,8 +517,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     def record(rec: dict) -> None:
         if not d.master:
             return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # disk full, out_dir removed or read-only
+            raise ConfigError(f"cannot write {metrics_path}: {e.strerror}; free disk space or choose another "
+                              f"out_dir, then continue with --init_from=resume") from e
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
 
@@ -534,6 +584,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     try:
         model.train()
         while step < max_steps:
+            if faults:
+                _inject_faults(faults, step, d.rank)
             if cfg.eval_interval and step % cfg.eval_interval == 0:
                 val_loss = evaluate(step)
             t0 = time.perf_counter()
@@ -548,6 +600,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 with (nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
                     loss = loss / grad_accum
+                if faults and (step in faults.get("nan_steps", ()) or 0 <= faults.get("nan_from", -1) <= step):
+                    loss = loss * float("nan")
                 loss_sum += loss.detach()
                 if raw_model.aux_loss is not None:
                     aux_sum += raw_model.aux_loss.detach() / grad_accum
@@ -594,9 +648,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                     + (f" | mem {mem:.1f} GiB" if mem is not None else ""))
 
             if bad_steps and bad_steps >= cfg.max_bad_steps:
+                save(step)  # skipped updates left weights and optimizer at the last good step's values
                 raise TrainingDiverged(f"stopping: {bad_steps} consecutive steps with a non-finite loss or gradient "
-                                       f"at step {step - 1}; lower lr, raise warmup_steps or use bf16/fp32 and "
-                                       f"resume from the last checkpoint ({ckpt_path})")
+                                       f"at step {step - 1}; the weights from before step {step - bad_steps} "
+                                       f"(the last good update) are saved in {ckpt_path}; lower lr, raise "
+                                       "warmup_steps or use bf16/fp32 and continue with --init_from=resume")
             if stop_now:
                 save(step)
                 log(f"stopped at step {step} by {stop.name or 'a signal on another rank'}; continue with "

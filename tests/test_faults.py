@@ -1,0 +1,250 @@
+"""Fault injection on real train.py processes (tiny model, CPU, fp32). Every promise is checked against a run
+nobody interrupted: same loss curve (metrics.jsonl, bit for bit) and same final weights/optimizer state.
+
+Faults come from outside (SIGKILL, SIGINT, torchrun) or from two test-only hooks: $TRAIN_TEST_FAULTS (train.py:
+NaN losses, a rank that crashes or hangs at a step) and $CKPT_TEST_FAULT (checkpoint.py: a write that stalls
+half-way or fails like a full disk). README "Reliability" lists each promise with its test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _shards import markov_dataset
+from checkpoint import load_checkpoint
+from test_train import RESUME, args, assert_identical, ckpt, env, metrics, run
+
+REPO = Path(__file__).resolve().parent.parent
+KW = {**RESUME, "max_steps": 12, "ckpt_interval": 2}  # dropout 0.1 inside: RNG state must survive too
+DDP_KW = {**KW, "micro_batch": 2}  # 2 ranks x grad_accum 2 = one process's global batch
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return markov_dataset(tmp_path_factory.mktemp("markov") / "data")
+
+
+@pytest.fixture(scope="module")
+def ref(data, tmp_path_factory) -> Path:
+    """The uninterrupted single-process run every single-process fault is compared with."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run(args(data, out, **KW))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref2(data, tmp_path_factory) -> Path:
+    """The uninterrupted single-node 2-process run (torchrun --standalone, gloo)."""
+    out = tmp_path_factory.mktemp("ref2") / "out"
+    run(args(data, out, **DDP_KW), nproc=2)
+    return out
+
+
+def start(argv: list[str], extra_env: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    cmd = (launcher or [sys.executable]) + [str(REPO / "train.py"), *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_when(p: subprocess.Popen, trigger: str, sig: int, delay: float = 0.0, after: str | None = None) -> str:
+    """Send `sig` once a stdout line contains `trigger` (and, if given, after a line containing `after` was
+    seen); return all output. Fails if the process ended first."""
+    assert p.stdout is not None
+    seen, armed = [], after is None
+    for line in p.stdout:
+        seen.append(line)
+        armed = armed or (after is not None and after in line)
+        if armed and trigger in line:
+            time.sleep(delay)
+            p.send_signal(sig)
+            break
+    else:
+        pytest.fail("the run ended before the fault point:\n" + "".join(seen[-30:]))
+    seen.append(p.stdout.read())
+    p.wait(timeout=120)
+    return "".join(seen)
+
+
+def finish(p: subprocess.Popen, timeout: float = 180) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"hung: no exit within {timeout} s")
+    return p.returncode, out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------
+# single process
+
+
+def test_random_sigkills_then_resume_equal_uninterrupted(data, ref, tmp_path):
+    """Three SIGKILLs at seeded-random points (a random step, then a random 0-15 ms more, so some land inside a
+    step, an evaluation or a checkpoint write), each followed by the same command with init_from=auto:
+    the final run's loss curve, val losses, weights and AdamW state equal the uninterrupted run's bit for bit."""
+    rng = random.Random(2024)
+    out, argv = tmp_path / "cut", args(data, tmp_path / "cut", init_from="auto", **KW)
+    kills, at = 0, 0
+    while kills < 3:
+        k = rng.randint(at, KW["max_steps"] - 4)  # a logged step index of this attempt
+        log = kill_when(start(argv), f"step {k}/", signal.SIGKILL, delay=rng.uniform(0, 0.015))
+        assert "Traceback" not in log, log
+        kills += 1
+        at = ckpt(out)["step"] if (out / "ckpt.pt").is_file() else 0
+    code, log, _ = finish(start(argv))
+    assert code == 0 and f"resumed from {out / 'ckpt.pt'}" in log, log
+    assert_identical(ref, out)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(data, ref, tmp_path):
+    """SIGKILL while the step-4 checkpoint is half written: ckpt.pt is still the complete step-2 checkpoint, the
+    half-written temp file is never ckpt.pt, and resuming gives the uninterrupted result."""
+    out = tmp_path / "cut"
+    p = start(args(data, out, **KW), {"CKPT_TEST_FAULT": "slow:1"})
+    kill_when(p, "checkpoint write in progress", signal.SIGKILL, after="saved checkpoint")
+    assert p.returncode == -signal.SIGKILL
+    partial = list(out.glob("ckpt.pt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the kill really was mid-write
+    with pytest.raises(Exception):  # noqa: B017 - torch raises several types for a truncated zip
+        torch.load(partial[0], weights_only=True)
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
+    run(args(data, out, init_from="resume", **KW))
+    assert not list(out.glob("*.tmp"))  # the next save removed the stale temp file
+    assert_identical(ref, out)
+
+
+def test_sigint_saves_within_one_step_and_resumes(data, ref, tmp_path):
+    """Ctrl-C (SIGINT) after step 5 is logged: the step in flight (at most one more) finishes, a checkpoint is
+    written, exit 0; resuming gives the uninterrupted result. (SIGTERM: tests/test_train.py.)"""
+    out = tmp_path / "cut"
+    p = start(args(data, out, **KW))
+    log = kill_when(p, "step 5/", signal.SIGINT)
+    assert p.returncode == 0 and "stopped at step" in log and "Traceback" not in log, log
+    assert ckpt(out)["step"] in (7, 8)  # step 6 was in flight; 7 if the signal came after its loss all-reduce
+    run(args(data, out, init_from="resume", **KW))
+    assert_identical(ref, out)
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_checkpoint(data, tmp_path):
+    """The write of the step-6 checkpoint fails with ENOSPC half-way: one line naming the file and the fix,
+    exit 2, no traceback; ckpt.pt is still the step-4 file, byte for byte, and no temp file is left."""
+    out = tmp_path / "full"
+    run(args(data, out, **{**KW, "max_steps": 4}))
+    before = (out / "ckpt.pt").read_bytes()
+    p = start(args(data, out, init_from="resume", **{**KW, "max_steps": 8}), {"CKPT_TEST_FAULT": "enospc"})
+    code, log, _ = finish(p)
+    assert code == 2, log
+    err = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in log, log
+    assert f"cannot write checkpoint {out / 'ckpt.pt'}: No space left on device" in err[0]
+    assert "free disk space" in err[0] and "unchanged" in err[0]
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+
+def test_nan_steps_skipped_then_persistent_nan_stops_with_last_good_state(data, tmp_path):
+    """Loss NaN at step 3 (skipped, logged) and from step 6 on: with max_bad_steps=3 the run stops after step 8
+    with one clear error line (exit 1) and a checkpoint whose weights and AdamW state equal those of the
+    same run checkpointed just before step 6 (its last good update), bit for bit."""
+    nan_out, good_out = tmp_path / "nan", tmp_path / "good"
+    faults = {"nan_steps": [3], "nan_from": 6}
+    kw = {**KW, "ckpt_interval": 0, "max_bad_steps": 3}
+    code, log, _ = finish(start(args(data, nan_out, **kw), {"TRAIN_TEST_FAULTS": json.dumps(faults)}))
+    assert code == 1 and "Traceback" not in log, log
+    assert "warning: step 3: non-finite loss nan" in log and "update skipped (1 in a row)" in log
+    err = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "3 consecutive steps with a non-finite loss" in err[0] and "at step 8" in err[0], log
+    assert f"before step 6 (the last good update) are saved in {nan_out / 'ckpt.pt'}" in err[0]
+    # reference: the same faults, but a checkpoint at step 6 and a crash before step 6 runs
+    faults_ref = {"nan_steps": [3], "crash": {"step": 6, "rank": 0}}
+    code, log, _ = finish(start(args(data, good_out, **{**kw, "ckpt_interval": 6}),
+                                {"TRAIN_TEST_FAULTS": json.dumps(faults_ref)}))
+    assert code == 17, log
+    got, want = ckpt(nan_out), ckpt(good_out)
+    assert got["step"] == 9 and want["step"] == 6
+    for k, t in want["model"].items():
+        assert torch.equal(got["model"][k], t), k
+    for i, st in want["optimizer"]["state"].items():
+        for name, t in st.items():
+            assert torch.equal(got["optimizer"]["state"][i][name], t), (i, name)
+    assert [(s, repr(x)) for s, x in metrics(nan_out)[0][:6]] == [(s, repr(x)) for s, x in metrics(good_out)[0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun: crashed / hung rank, two "nodes", elastic restart
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_crashed_rank_fails_the_job_naming_it(data, tmp_path):
+    """Rank 1 dies (exit 17) at the start of step 4: the job exits non-zero within seconds, torchrun names
+    rank 1 as the root cause, and ckpt.pt is the intact step-4 checkpoint."""
+    out = tmp_path / "crash"
+    faults = {"crash": {"step": 4, "rank": 1}}
+    p = start(args(data, out, dist_timeout_s=20, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
+              TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    code, log, wall = finish(p, timeout=120)
+    assert code != 0 and wall < 60, log
+    assert "injected fault: crash on rank 1 at step 4" in log
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*17", log), log  # torchrun's root cause
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+@pytest.mark.slow
+def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
+    """Rank 1 stops responding at step 4: rank 0's next collective fails after dist_timeout_s=5 instead of
+    waiting forever, so the job exits non-zero; the step-4 checkpoint is intact."""
+    out = tmp_path / "hang"
+    faults = {"hang": {"step": 4, "rank": 1}}
+    p = start(args(data, out, dist_timeout_s=5, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
+              TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    code, log, wall = finish(p, timeout=150)
+    assert code != 0 and "injected fault: hang on rank 1 at step 4" in log, log
+    assert wall < 100, (wall, log)
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_node_with_two_processes(data, ref2, tmp_path):
+    """Two torchrun "nodes" (--nnodes=2, one process each, c10d rendezvous on 127.0.0.1) give the single-node
+    2-process run's loss curve and weights exactly."""
+    out, port = tmp_path / "nodes", free_port()
+    argv = args(data, out, **DDP_KW)
+    nodes = [start(argv, launcher=TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                                              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                              "--rdzv_id=faults"]) for i in (0, 1)]
+    results = [finish(p, timeout=180) for p in nodes]
+    for code, log, _ in results:
+        assert code == 0, log
+    assert any("x world 2" in log for _, log, _ in results)
+    assert_identical(ref2, out)
+
+
+def test_elastic_restart_resumes_from_last_checkpoint(data, ref2, tmp_path):
+    """torchrun --max_restarts=1, rank 1 crashes once at step 6: torchrun restarts both workers, init_from=auto
+    resumes from the step-6 checkpoint, and the job ends (exit 0) with the uninterrupted 2-process result."""
+    out, marker = tmp_path / "elastic", tmp_path / "crashed_once"
+    faults = {"crash": {"step": 6, "rank": 1, "once": str(marker)}}
+    p = start(args(data, out, init_from="auto", dist_timeout_s=30, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
+              TORCHRUN + ["--standalone", "--nproc_per_node=2", "--max_restarts=1"])
+    code, log, _ = finish(p, timeout=240)
+    assert code == 0, log
+    assert marker.exists() and "injected fault: crash on rank 1 at step 6" in log
+    assert f"resumed from {out / 'ckpt.pt'} at step 6" in log
+    assert_identical(ref2, out)
