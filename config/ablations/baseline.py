@@ -4,24 +4,27 @@
 #   python prepare_data.py --dataset shakespeare
 #   python train.py config/ablations/baseline.py
 #   python train.py config/ablations/rope.py          # each variant file imports this one and changes 1-2 keys
+#   python ablate.py --preset cpu                      # all of them, then a results table + val-loss plot
 # Every variant trains on the same data, tokens and seed. Tiny-scale differences do not predict 124M-scale ones.
 # train.py prints the parameter count at start.
 data_dir = "data/shakespeare"
 out_dir = "out/ablations/baseline"
 model = "gpt2"
-model_overrides = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "pad_vocab_multiple": 64}
-micro_batch = 16
-seq_len = 128
-total_batch_tokens = 4096
-max_steps = 150  # 614k tokens (~2 epochs of the 297k-token train split)
+# Sized so the whole preset (13 variants + a second baseline seed, `python ablate.py --preset cpu`) fits ~20 min
+# on 2 CPU cores: with the 50304-row output layer taking ~90% of the FLOPs, n_embd 64 halves a step's cost.
+model_overrides = {"n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 64, "pad_vocab_multiple": 64}
+micro_batch = 8
+seq_len = 64
+total_batch_tokens = 512  # small batches: more updates from the few tokens a CPU can afford
+max_steps = 100  # 51k tokens (~0.17 epoch of the 297k-token train split)
 lr = 2e-3  # tiny models take a higher lr than GPT-2's 6e-4
 min_lr = 2e-4
-warmup_steps = 15
+warmup_steps = 10
 weight_decay = 0.1
 dtype = "fp32"  # bf16 autocast is slower than fp32 on most CPUs
 compile = False
-eval_interval = 25
-eval_iters = 10
-log_interval = 10
+eval_interval = 20
+eval_iters = 8  # 8 x 8 x 64 = 4096 val tokens, the same rows at every evaluation and for every variant
+log_interval = 5
 ckpt_interval = 0  # the final checkpoint is still written
 seed = 1337

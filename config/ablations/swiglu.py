@@ -1,4 +1,4 @@
-# Ablation: SwiGLU MLP (hidden 8/3 d rounded up to 64: 384 for d=128, ~GELU-MLP parameters).
+# Ablation: SwiGLU MLP (hidden 8/3 d rounded up to 64: 192 for d=64, ~GELU-MLP parameters).
 # Run: python train.py config/ablations/swiglu.py   (baseline.py holds everything else)
 from config.ablations.baseline import *  # noqa: F403
 

@@ -1,4 +1,4 @@
-# Ablation: separate output head (embedding not tied; +6.4M parameters at this size).
+# Ablation: separate output head (embedding not tied; +3.2M parameters at this size).
 # Run: python train.py config/ablations/untied.py   (baseline.py holds everything else)
 from config.ablations.baseline import *  # noqa: F403
 

@@ -1,0 +1,374 @@
+"""Run architecture ablations: several train.py configs on the same data, tokens and seed, then a results
+table (OUT/results.md) and validation-loss curves (OUT/results.png).
+
+    python ablate.py --preset cpu                                    # config/ablations/*.py -> out/ablations_cpu/
+    python ablate.py config/ablations/baseline.py config/ablations/rope.py --out-dir out/abl
+    python ablate.py config/ablations/baseline.py@1338 ...           # CONFIG@SEED: the same config, another seed
+    python ablate.py --preset cpu --set max_steps=20                 # train.py --key=value for every run
+    python ablate.py --preset cpu --hellaswag-limit 500 --hellaswag-data ../shared/data/hellaswag_val.jsonl
+
+Each run is its own process, `python train.py CONFIG [--key=value ...] --out_dir=OUT/NAME [--seed=S]`, and
+every number in the table is read back from OUT/NAME/metrics.jsonl (and ckpt.pt for HellaSwag). The preset
+adds the baseline with a second seed, so the table shows how far two seeds of one config land apart.
+
+Skip / resume: a run whose OUT/NAME/ablate.json records the same resolved TrainConfig, and whose metrics.jsonl
+has the final val loss, is not run again; a run stopped after a checkpoint (Ctrl-C, SIGTERM) continues with
+init_from=resume. So an interrupted sweep is finished by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from errors import ArgumentParser, UserError, run_main
+
+REPO = Path(__file__).resolve().parent
+PRESETS = {"cpu": ("config/ablations", "out/ablations_cpu", [1338])}  # folder, out dir, extra baseline seeds
+# Fields that must agree across runs for the comparison to mean anything (seed may differ only via @SEED).
+SAME_FOR_ALL = ("data_dir", "max_steps", "max_tokens", "total_batch_tokens", "seq_len", "eval_interval",
+                "eval_iters", "micro_batch")
+
+
+@dataclass
+class Run:
+    name: str  # folder under the sweep's out dir and the table's row label
+    config: Path
+    argv: list[str]  # train.py's arguments (after the script path)
+    cfg: object  # train.TrainConfig, resolved from argv exactly as train.py will resolve it
+    params: int
+    max_steps: int
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+def _done_marker(run: Run) -> Path:
+    return run.out_dir / "ablate.json"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(records: list[dict], max_steps: int) -> dict:
+    """The table's numbers from one run's metrics.jsonl records: the last logged train loss, the val loss at
+    the final step, and the median tokens/s over logged steps after the first (step 0 includes warm-up)."""
+    train = [r for r in records if r.get("loss") is not None]
+    val = [r for r in records if r.get("val_loss") is not None]
+    speeds = [r["tok_per_s"] for r in train if r["step"] > 0 and r.get("tok_per_s")]
+    final_val = [r for r in val if r["step"] == max_steps]
+    return {
+        "train_loss": train[-1]["loss"] if train else None,
+        "train_step": train[-1]["step"] if train else None,
+        "val_loss": final_val[-1]["val_loss"] if final_val else None,
+        "tok_per_s": statistics.median(speeds) if speeds else None,
+        "val_curve": [(r["tokens"], r["val_loss"]) for r in val],
+    }
+
+
+def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, data_dir: str | None) -> list[Run]:
+    """Resolve every CONFIG[@SEED] into a Run, checking configs, data and comparability before any training."""
+    import train
+    from data import load_meta
+    from model import GPT
+
+    if not configs:
+        raise UserError("no configs given; pass config files (e.g. config/ablations/*.py) or --preset cpu")
+    runs: list[Run] = []
+    for spec in configs:
+        path_text, _, seed_text = spec.partition("@")
+        path = Path(path_text)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        run_seed = seed
+        if seed_text:
+            try:
+                run_seed = int(seed_text)
+            except ValueError:
+                raise UserError(f"{spec}: the part after @ must be an integer seed") from None
+        name = path.stem + (f"_seed{run_seed}" if seed_text else "")
+        argv = [str(path), *[f"--{s}" for s in sets]]
+        if data_dir is not None:
+            argv.append(f"--data_dir={data_dir}")
+        if run_seed is not None:
+            argv.append(f"--seed={run_seed}")
+        argv.append(f"--out_dir={out_dir / name}")
+        cfg = train.load_config(argv)
+        if not cfg.eval_interval:
+            raise UserError(f"{spec}: eval_interval=0 gives no val loss; set it > 0 (--set eval_interval=N)")
+        max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / cfg.total_batch_tokens)
+        params = GPT(train.model_config(cfg)).num_params()
+        runs.append(Run(name, path, argv, cfg, params, max_steps))
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"run name(s) {dupes} given twice; use CONFIG@SEED for a second seed of one config")
+    for key in SAME_FOR_ALL:
+        values = {r.name: getattr(r.cfg, key) for r in runs}
+        if len(set(map(repr, values.values()))) > 1:
+            raise UserError(f"runs differ in {key} ({values}): ablations must share data and token budget; "
+                            f"align them with --set {key}=...")
+    load_meta(runs[0].cfg.data_dir)  # missing data: one clear line now, not 13 failed runs later
+    return runs
+
+
+def run_state(run: Run) -> str:
+    """'done' (finished with this exact config), 'resume' (a checkpoint of this config, not finished) or
+    'fresh' (nothing usable: train from scratch, which also clears an old metrics.jsonl)."""
+    from checkpoint import load_checkpoint
+
+    wanted = asdict(run.cfg)
+    final_val = summarize(read_metrics(run.out_dir), run.max_steps)["val_loss"] is not None
+    marker = _done_marker(run)
+    if marker.is_file() and json.loads(marker.read_text()).get("config") == wanted and final_val:
+        return "done"
+    ckpt_path = run.out_dir / "ckpt.pt"
+    if ckpt_path.is_file():
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except UserError:
+            return "fresh"
+        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k != "init_from"}
+        if saved == {k: v for k, v in wanted.items() if k != "init_from"}:
+            return "done" if ckpt["step"] >= run.max_steps and final_val else "resume"
+    return "fresh"
+
+
+class _Signals:
+    """While a child trains: Ctrl-C reaches it directly (same process group), so the sweep only notes it and
+    waits for the child's checkpoint; SIGTERM sent to the sweep is forwarded to the child."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.stop = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.stop = True
+        if signum == signal.SIGTERM and self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train_run(run: Run, state: str, threads: int | None, sig: _Signals) -> tuple[int, float, str]:
+    """Run train.py for one config; returns (exit code, wall seconds, last stderr line)."""
+    argv = [sys.executable, str(REPO / "train.py"), *run.argv]
+    if state == "resume":
+        argv.append("--init_from=resume")
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run.out_dir / "train.log", "a") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        # the caller's cwd, as if they ran train.py themselves: relative paths in configs mean the same here
+        sig.child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
+        _, err = sig.child.communicate()
+        log.write(err)
+    rc = sig.child.returncode
+    sig.child = None
+    last = next((ln for ln in reversed(err.splitlines()) if ln.strip()), "")
+    return rc, time.perf_counter() - t0, last
+
+
+def hellaswag(run: Run, data_path: str | None, limit: int) -> float:
+    import torch
+
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from eval_hellaswag import evaluate_hellaswag
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_from_checkpoint(load_checkpoint(run.out_dir / "ckpt.pt")).to(device).eval()
+    max_length = min(512, model.config.block_size)  # the evaluation protocol's 512, or what the model can see
+    return evaluate_hellaswag(model, data_path=data_path, limit=limit or None, max_length=max_length,
+                              device=device)["acc_norm"]
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command: str,
+                  with_hellaswag: bool) -> tuple[Path, Path]:
+    """results.md (a table, first run = the reference for the delta column) and results.png (val loss vs
+    tokens, one line per run)."""
+    import torch
+
+    base = rows.get(runs[0].name, {}).get("val_loss")
+    cfg0 = runs[0].cfg
+    head = ["variant", "params", "final train loss", "final val loss", f"Δ val vs {runs[0].name}", "tokens/s"]
+    if with_hellaswag:
+        head.append("HellaSwag acc_norm")
+    head += ["wall s", "status"]
+    lines = [
+        "# Ablation results",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}.  ",
+        f"Every run: data `{cfg0.data_dir}`, {runs[0].max_steps} steps x {cfg0.total_batch_tokens:,} tokens, "
+        f"val loss over {cfg0.eval_iters} x {cfg0.micro_batch} x {cfg0.seq_len} val tokens (the same rows for "
+        "every run).",
+        "",
+        "Columns: final train loss = the last logged step's batch loss (one batch: noisy); final val loss = at "
+        "the last step; tokens/s = median over logged steps after step 0 (evaluation excluded); wall s = the "
+        "train.py process, start-up and evaluation included.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if h in ("variant", "status") else "---:" for h in head) + "|",
+    ]
+    for run in runs:
+        r = rows.get(run.name, {})
+        delta = None if base is None or r.get("val_loss") is None else r["val_loss"] - base
+        cells = [run.name, f"{run.params:,}", _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("val_loss"), ".4f"),
+                 _fmt(delta, "+.4f"), _fmt(r.get("tok_per_s"), ",.0f")]
+        if with_hellaswag:
+            cells.append(_fmt(r.get("hellaswag_acc_norm"), ".4f"))
+        cells += [_fmt(r.get("wall_s"), ".0f"), r.get("status", "not run")]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = out_dir / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for run in runs:
+        curve = rows.get(run.name, {}).get("val_curve") or []
+        if curve:
+            for ax, pts in ((axes[0], curve), (axes[1], curve[len(curve) // 2:])):
+                ax.plot(*zip(*pts), "o-", ms=3, label=run.name, lw=2.5 if run is runs[0] else 1.2)
+    for ax, title in zip(axes, ("val loss", "val loss, second half (zoom)")):
+        ax.set_title(title)
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    png = out_dir / "results.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return md, png
+
+
+def sweep(runs: list[Run], out_dir: Path, command: str, threads: int | None = None,
+          hellaswag_data: str | None = None, hellaswag_limit: int | None = None) -> int:
+    """Train every run not yet done, evaluate, write results.md/png. Returns the number of runs not finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with_hs = hellaswag_limit is not None
+    if with_hs:
+        from eval_hellaswag import load_examples
+
+        load_examples(hellaswag_data, limit=1)  # a missing file fails now, before any training
+    print(f"{len(runs)} runs -> {out_dir}")
+    for run in runs:
+        print(f"  {run.name:<20} {run.params:>12,} params  {run.config}")
+    rows: dict[str, dict] = {}
+    sig = _Signals()
+    try:
+        for i, run in enumerate(runs):
+            if sig.stop:
+                break
+            state = run_state(run)
+            marker = _done_marker(run)
+            info = json.loads(marker.read_text()) if state == "done" and marker.is_file() else {}
+            if state == "done":
+                print(f"[{i + 1}/{len(runs)}] {run.name}: finished earlier, skipped")
+                row = {"status": "ok (earlier run)", "wall_s": info.get("wall_s")}
+            else:
+                print(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if state == 'resume' else 'training'} "
+                      f"({run.out_dir / 'train.log'})", flush=True)
+                rc, wall, last = train_run(run, state, threads, sig)
+                if rc != 0:
+                    print(f"  {run.name}: train.py exited {rc}: {last}")
+                    rows[run.name] = {**summarize(read_metrics(run.out_dir), run.max_steps),
+                                      "status": f"failed (exit {rc}): {last[:80]}", "wall_s": wall}
+                    continue
+                row = {"status": "ok" if state == "fresh" else "ok (resumed)", "wall_s": wall}
+            row.update(summarize(read_metrics(run.out_dir), run.max_steps))
+            if row["val_loss"] is None:  # exited 0 without its final step: stopped by a signal
+                row["status"] = "stopped (rerun the command to resume)"
+                rows[run.name] = row
+                break
+            info = {**info, "config": asdict(run.cfg), "wall_s": row["wall_s"]}
+            marker.write_text(json.dumps(info, indent=1))  # training is done even if HellaSwag fails below
+            if with_hs:
+                key = f"{hellaswag_data}|{hellaswag_limit}"
+                if info.get("hellaswag_key") != key:
+                    info["hellaswag_acc_norm"] = hellaswag(run, hellaswag_data, hellaswag_limit)
+                    info["hellaswag_key"] = key
+                row["hellaswag_acc_norm"] = info["hellaswag_acc_norm"]
+            marker.write_text(json.dumps(info, indent=1))
+            rows[run.name] = row
+            print(f"  {run.name}: val {row['val_loss']:.4f} | train {row['train_loss']:.4f} | "
+                  f"{_fmt(row['tok_per_s'], ',.0f')} tok/s" +
+                  (f" | hellaswag acc_norm {row['hellaswag_acc_norm']:.4f}" if with_hs else ""), flush=True)
+    finally:
+        sig.close()
+    md, png = write_results(runs, rows, out_dir, command, with_hs)
+    print(f"wrote {md} and {png}")
+    unfinished = sum(not rows.get(r.name, {}).get("status", "").startswith("ok") for r in runs)
+    if unfinished:
+        print(f"{unfinished} run(s) not finished; rerun the same command to continue", file=sys.stderr)
+    return unfinished
+
+
+def preset_configs(name: str) -> tuple[list[str], Path]:
+    folder, out, extra_seeds = PRESETS[name]
+    files = sorted((REPO / folder).glob("*.py"), key=lambda p: (p.stem != "baseline", p.stem))
+    configs = [os.path.relpath(p) for p in files]
+    baseline = os.path.relpath(REPO / folder / "baseline.py")
+    configs[1:1] = [f"{baseline}@{s}" for s in extra_seeds]  # the noise reference, next to the baseline
+    return configs, Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("configs", nargs="*", help="train.py config files, each optionally CONFIG@SEED")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="cpu: config/ablations/*.py + baseline@1338")
+    p.add_argument("--out-dir", default=None, help="sweep folder (default out/ablations, preset: its own)")
+    p.add_argument("--data-dir", default=None, help="override every config's data_dir")
+    p.add_argument("--seed", type=int, default=None, help="override every config's seed (CONFIG@SEED wins)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.py override for every run, e.g. --set max_steps=20 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training process")
+    p.add_argument("--hellaswag-limit", type=int, default=None,
+                   help="also score HellaSwag acc_norm on each final checkpoint, first N examples (0 = all)")
+    p.add_argument("--hellaswag-data", default=None, help="local hellaswag_val.jsonl (default: the HF hub)")
+    a = p.parse_args(argv)
+    if a.preset and a.configs:
+        p.error("give config files or --preset, not both")
+    for s in a.set:
+        if "=" not in s or s.startswith("-"):
+            p.error(f"--set {s}: expected KEY=VALUE, e.g. --set max_steps=20")
+    configs, out_dir = preset_configs(a.preset) if a.preset else (a.configs, Path("out/ablations"))
+    out_dir = Path(a.out_dir) if a.out_dir else out_dir
+    runs = plan(configs, out_dir, a.set, a.seed, a.data_dir)
+    command = "python ablate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if sweep(runs, out_dir, command, a.threads, a.hellaswag_data, a.hellaswag_limit):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)
