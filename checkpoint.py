@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -77,12 +78,17 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist; check the path (train.py writes <out_dir>/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():  # nothing of it was run
+            raise UserError(f"{path} holds Python objects other than tensors and plain values; refused to load "
+                            "it (unpickling an untrusted file can run code); use a checkpoint written by train.py"
+                            ) from e
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch.save file): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; use an intact copy "
+                        "or another checkpoint") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' / 'model_config')")
     if ckpt.get("format", 1) > FORMAT_VERSION:
@@ -104,6 +110,6 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 def load_model(path: str | Path) -> GPT:
     """A GPT from one of our checkpoint files, or from a Hugging Face GPT-2 folder or hub name."""
     p = Path(path)
-    if p.is_file():
-        return model_from_checkpoint(load_checkpoint(p))
+    if p.is_file() or (not p.exists() and (p.suffix in (".pt", ".pth") or p.is_absolute() or str(path)[:1] == ".")):
+        return model_from_checkpoint(load_checkpoint(p))  # a missing file path: "does not exist", not a hub error
     return load_hf_gpt2(path)
