@@ -4,6 +4,7 @@
     python train.py config/shakespeare_cpu.py --max_steps=50 --lr=1e-3   # overrides, --key=value
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_owt.py
     python train.py config/gpt2_owt.py --init_from=resume                # continue out_dir/ckpt.pt exactly
+    torchrun --max_restarts=3 ... train.py config/gpt2_owt.py --init_from=auto   # resume if ckpt.pt exists
 
 A config file is plain Python assignments (`lr = 6e-4`), checked against TrainConfig below: an unknown
 name or a value of the wrong type is an error. Outputs go to out_dir: ckpt.pt (DESIGN.md "Checkpoint"),
@@ -274,8 +275,16 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None,
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        kw: dict[str, Any] = {}
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # after a torchrun --max_restarts restart, the agent's store still holds the failed attempt's
+            # addresses under the same keys (gloo then connects to dead ports): give each attempt its own keys
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            kw = {"store": dist.PrefixStore(f"restart_{restart}", store), "rank": rank, "world_size": world}
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None, timeout=timeout, **kw)
     return Dist(rank, local_rank, world, device)
 
 
@@ -427,6 +436,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     # --- model (+ checkpoint) --------------------------------------------------------------------------
     ckpt = None
     faults = _test_faults()
+    if d.enabled and cfg.init_from in ("auto", "resume"):  # every rank must see the same checkpoint
+        seen = torch.tensor([float(ckpt_path.is_file())], device=d.device)
+        dist.all_reduce(seen)
+        if 0 < seen.item() < d.world_size:
+            raise ConfigError(f"{ckpt_path} exists on {int(seen.item())} of {d.world_size} ranks; with several "
+                              "nodes out_dir must be on a filesystem they all share")
     if cfg.init_from == "auto":
         cfg = dataclasses.replace(cfg, init_from="resume" if ckpt_path.is_file() else "scratch")
     if cfg.init_from == "resume":
