@@ -127,6 +127,17 @@ def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, d
     return runs
 
 
+def same_config(saved: dict, wanted: dict) -> bool:
+    """Whether a run recorded with TrainConfig `saved` is the run `wanted` asks for. A field that did not exist
+    when it was saved counts as equal when `wanted` leaves it at its default (new train.py options do not
+    invalidate finished runs); init_from is how a run starts, not what it is."""
+    import train
+
+    defaults = asdict(train.TrainConfig())
+    return all(saved[k] == v if k in saved else v == defaults.get(k)
+               for k, v in wanted.items() if k != "init_from")
+
+
 def run_state(run: Run) -> str:
     """'done' (finished with this exact config), 'resume' (a checkpoint of this config, not finished) or
     'fresh' (nothing usable: train from scratch, which also clears an old metrics.jsonl)."""
@@ -135,7 +146,7 @@ def run_state(run: Run) -> str:
     wanted = asdict(run.cfg)
     final_val = summarize(read_metrics(run.out_dir), run.max_steps)["val_loss"] is not None
     marker = _done_marker(run)
-    if marker.is_file() and json.loads(marker.read_text()).get("config") == wanted and final_val:
+    if marker.is_file() and same_config(json.loads(marker.read_text()).get("config", {}), wanted) and final_val:
         return "done"
     ckpt_path = run.out_dir / "ckpt.pt"
     if ckpt_path.is_file():
@@ -143,8 +154,7 @@ def run_state(run: Run) -> str:
             ckpt = load_checkpoint(ckpt_path)
         except UserError:
             return "fresh"
-        saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k != "init_from"}
-        if saved == {k: v for k, v in wanted.items() if k != "init_from"}:
+        if same_config(ckpt.get("train_config", {}), wanted):
             return "done" if ckpt["step"] >= run.max_steps and final_val else "resume"
     return "fresh"
 
@@ -254,17 +264,21 @@ def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for run in runs:
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colors; dashes tell the second ten apart
+    for i, run in enumerate(runs):
         curve = rows.get(run.name, {}).get("val_curve") or []
-        if curve:
-            for ax, pts in ((axes[0], curve), (axes[1], curve[len(curve) // 2:])):
-                ax.plot(*zip(*pts), "o-", ms=3, label=run.name, lw=2.5 if run is runs[0] else 1.2)
+        style = dict(marker="o", ms=3, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                     ls="-" if i < 10 else "--", lw=2.5 if i == 0 else 1.2, label=run.name)
+        for ax, pts in ((axes[0], curve), (axes[1], curve[len(curve) // 2:])):
+            if pts:
+                ax.plot(*zip(*pts), **style)
     for ax, title in zip(axes, ("val loss", "val loss, second half (zoom)")):
         ax.set_title(title)
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper right")
+    if any(ax.lines for ax in axes):
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     png = out_dir / "results.png"
     fig.savefig(png, dpi=100)

@@ -214,3 +214,17 @@ def test_preset_is_every_ablation_config_plus_a_second_baseline_seed():
     assert Path(configs[0]).stem == "baseline" and configs[1].endswith("baseline.py@1338")
     assert sorted(Path(c.split("@")[0]).stem for c in configs if "@" not in c) == files
     assert out == Path("out/ablations_cpu")
+
+
+def test_runs_from_before_a_new_train_option_still_count_as_finished():
+    """A field added to TrainConfig after a run was saved matches only while it stays at its default."""
+    from dataclasses import asdict
+
+    import train
+
+    wanted = asdict(train.load_config([CONFIGS[0]]))
+    saved = {k: v for k, v in wanted.items() if k != "hellaswag_limit"}  # as if the field were new
+    assert ablate.same_config(saved, wanted)
+    assert not ablate.same_config(saved, {**wanted, "hellaswag_limit": 7})
+    assert not ablate.same_config({**wanted, "lr": 1.0}, wanted)
+    assert ablate.same_config({**wanted, "init_from": "scratch"}, {**wanted, "init_from": "resume"})
