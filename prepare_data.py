@@ -25,6 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,7 +258,9 @@ def batches(docs: Iterator[str], cfg: PrepareConfig) -> Iterator[tuple[list[str]
         yield texts, val_mask(start, len(texts), cfg.seed, frac, cfg.val_docs)
 
 
-def encoded(tasks: Iterator[tuple[list[str], np.ndarray]], pool, num_proc: int) -> Iterator[tuple]:
+def encoded(
+    tasks: Iterator[tuple[list[str], np.ndarray]], pool: ProcessPoolExecutor | None, num_proc: int
+) -> Iterator[tuple]:
     """encode_batch over the tasks, results in task order. Unlike Pool.imap (whose feeder thread drains the
     whole input at once), this keeps at most 2 tasks per worker in flight: memory does not grow with input."""
     if pool is None:
@@ -265,11 +268,11 @@ def encoded(tasks: Iterator[tuple[list[str], np.ndarray]], pool, num_proc: int) 
         return
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(encode_batch, (task,)))
+        pending.append(pool.submit(encode_batch, task))
         if len(pending) >= 2 * num_proc:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -392,7 +395,11 @@ def prepare(cfg: PrepareConfig) -> dict | None:
 
     get_tokenizer()  # load before forking so that the workers inherit it
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(cfg.num_proc) if cfg.num_proc > 1 else None  # before the source starts any threads
+    # A ProcessPoolExecutor, not multiprocessing.Pool: Pool.terminate() on an error path can deadlock when it
+    # kills a worker that holds the result pipe's lock while sending a large batch of tokens.
+    pool = ProcessPoolExecutor(cfg.num_proc, mp_context=ctx) if cfg.num_proc > 1 else None
+    if pool is not None:
+        pool.submit(int).result()  # fork the workers now, before the source starts any threads
     progress = None
     try:
         tasks = batches(docs, cfg)
@@ -423,8 +430,7 @@ def prepare(cfg: PrepareConfig) -> dict | None:
         if progress is not None:
             progress.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)  # queued batches dropped, running ones finish
     elapsed = time.perf_counter() - t0
     tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in n_docs}
     total = sum(tokens.values())

@@ -236,6 +236,7 @@ def test_hf_sources_call_load_dataset_and_match_local_path(tmp_path, monkeypatch
 def test_tasks_in_flight_are_bounded():
     """Pool.imap would pull every task at once; `encoded` must stay within 2 per worker."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     pulled = 0
 
@@ -245,7 +246,7 @@ def test_tasks_in_flight_are_bounded():
             pulled += 1
             yield [f"document {i}"] * 10, np.zeros(10, dtype=bool)
 
-    with mp.get_context("fork").Pool(2) as pool:
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
         it = prepare_data.encoded(tasks(), pool, 2)
         first = next(it)
         assert pulled <= 2 * 2 + 1
