@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The Wikipedia pipeline of docs/reproduction_cpu.md, end to end on CPU:
+#   prepare -> init checkpoints -> train baseline + doc_mask, 2 seeds each (same data, tokens, seeds)
+#   -> eval_lm.py at max_length 512 and 1024 -> plot.py -> summary table.
+#
+#   bash scripts/reproduce_cpu.sh             # full: ~1 h per training run on 2 cores, 4 runs, then evaluation
+#   bash scripts/reproduce_cpu.sh --smoke     # same steps on 1 of the 96 wiki files, a tiny model, a few steps,
+#                                             # eval --limit 3: about a minute (tests/test_reproduction_smoke.py)
+#
+# Environment: OUT (default out/reproduction_cpu, smoke: out/reproduction_cpu_smoke), SHARED_DATA_DIR
+# (default ../shared/data), SEEDS (default "1337 1338"), TASKS (default hellaswag,lambada_openai,wikitext),
+# EVAL_LIMIT (full default: none = whole tasks), PYTHON (default python).
+# Every step writes its files under $OUT; a step whose output exists is skipped, so a re-run resumes
+# (delete $OUT to start again). Training runs resume from their last checkpoint (--init_from=auto).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    *) echo "error: unknown argument $arg (only --smoke)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python}
+SHARED=${SHARED_DATA_DIR:-../shared/data}
+WIKI="$SHARED/corpus_wikipedia_en/AA"
+SEEDS=${SEEDS:-"1337 1338"}
+TASKS=${TASKS:-hellaswag,lambada_openai,wikitext}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
+[ -d "$WIKI" ] || { echo "error: $WIKI not found; set SHARED_DATA_DIR to the folder holding corpus_wikipedia_en" >&2; exit 2; }
+
+CONFIG=config/wikipedia_cpu.py
+if [ "$SMOKE" = 1 ]; then
+  OUT=${OUT:-out/reproduction_cpu_smoke}
+  DATA="$OUT/data/wiki"
+  PREP_ARGS=(--files "$WIKI/wiki_00" --val-docs 4)  # 1 of 96 files (~1%): ~66 articles, ~0.2M tokens
+  # a tiny model and a few steps: the pipeline, not the result, is under test
+  TRAIN_ARGS=(--model_overrides.n_layer=2 --model_overrides.n_head=2 --model_overrides.n_embd=32
+              --micro_batch=2 --seq_len=64 --total_batch_tokens=128 --max_steps=4 --warmup_steps=1
+              --eval_interval=2 --eval_iters=2 --log_interval=1 --ckpt_interval=0)
+  EVAL_LIMIT=${EVAL_LIMIT:-3}
+  EVAL_LENGTHS="64"      # the smoke model's block_size is 1024, but 64 keeps wikitext's windows cheap
+  EVAL_BATCH=8
+else
+  OUT=${OUT:-out/reproduction_cpu}
+  DATA="data/wiki"
+  # all 96 files; 1% of the articles (by a seeded hash) form the val split
+  PREP_ARGS=(--files "$WIKI" --val-fraction 0.01)
+  TRAIN_ARGS=()
+  EVAL_LIMIT=${EVAL_LIMIT:-}
+  EVAL_LENGTHS="512 1024"
+  EVAL_BATCH=16
+fi
+mkdir -p "$OUT"
+LIMIT_ARGS=()
+[ -n "$EVAL_LIMIT" ] && LIMIT_ARGS=(--limit "$EVAL_LIMIT")
+
+# 1. data: WikiExtractor articles -> uint16 shards (title line kept: README "Data preparation")
+if [ ! -f "$DATA/meta.json" ]; then
+  $PYTHON prepare_data.py "${PREP_ARGS[@]}" --out-dir "$DATA" --wiki-title keep --num-proc 2
+fi
+
+# 2. the model at initialisation (one per seed; doc_mask does not change the weights, only the attention mask)
+for seed in $SEEDS; do
+  if [ ! -f "$OUT/init_s$seed/ckpt.pt" ]; then
+    $PYTHON scripts/save_init.py "$CONFIG" --data_dir="$DATA" --seed="$seed" "${TRAIN_ARGS[@]}" \
+      --out "$OUT/init_s$seed/ckpt.pt"
+  fi
+done
+
+# 3. training: baseline packing vs doc_mask=True, same data order, tokens and seed
+runs=()
+for seed in $SEEDS; do
+  for variant in baseline doc_mask; do
+    run="${variant}_s$seed"
+    runs+=("$run")
+    extra=()
+    [ "$variant" = doc_mask ] && extra=(--model_overrides.doc_mask=True)
+    if [ ! -f "$OUT/$run/done" ]; then
+      $PYTHON train.py "$CONFIG" --data_dir="$DATA" --out_dir="$OUT/$run" --seed="$seed" --init_from=auto \
+        "${TRAIN_ARGS[@]}" "${extra[@]}" 2>&1 | tee -a "$OUT/$run.log"
+      touch "$OUT/$run/done"
+    fi
+  done
+done
+
+# 4. evaluation: lm-eval (local task variants) at each context length, trained models and the init models
+first_seed=${SEEDS%% *}
+for len in $EVAL_LENGTHS; do
+  for run in "${runs[@]}" "init_s$first_seed"; do
+    res="$OUT/eval/${run}_L$len.json"
+    if [ ! -f "$res" ]; then
+      $PYTHON eval_lm.py "$OUT/$run/ckpt.pt" --data-dir "$SHARED" --tasks "$TASKS" --max-length "$len" \
+        --batch-size "$EVAL_BATCH" --device cpu "${LIMIT_ARGS[@]}" --out "$res"
+    fi
+  done
+done
+
+# 5. learning curves and the summary table
+$PYTHON plot.py "${runs[@]/#/$OUT/}" --out "$OUT/curves.png"
+$PYTHON scripts/reproduction_summary.py "$OUT" | tee "$OUT/summary.md"
