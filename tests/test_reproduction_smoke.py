@@ -108,3 +108,18 @@ def test_init_checkpoint_is_train_py_step_0(smoke: Path) -> None:
     torch.manual_seed(cfg.seed + 1)
     other = GPT(ckpt_model.config)
     assert not torch.equal(other.transformer.wte.weight, ckpt_model.transformer.wte.weight)
+
+
+@pytest.mark.slow  # needs the smoke pipeline's outputs; the rerun itself takes a few seconds
+def test_same_seed_same_losses(smoke: Path, tmp_path: Path) -> None:
+    """docs/reproduction_cpu.md promises that re-running a command reproduces its numbers: train the smoke
+    baseline again from its saved train_config and compare every logged loss bit for bit."""
+    import dataclasses
+
+    import train
+
+    saved = load_checkpoint(smoke / "baseline_s1337" / "ckpt.pt")["train_config"]
+    cfg = dataclasses.replace(train.TrainConfig(**saved), out_dir=str(tmp_path / "again"), init_from="scratch")
+    again = train.train(cfg)["losses"]
+    recs = [json.loads(line) for line in (smoke / "baseline_s1337" / "metrics.jsonl").read_text().splitlines()]
+    assert again == [r["loss"] for r in recs if "loss" in r]
