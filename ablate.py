@@ -130,12 +130,12 @@ def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, d
 def same_config(saved: dict, wanted: dict) -> bool:
     """Whether a run recorded with TrainConfig `saved` is the run `wanted` asks for. A field that did not exist
     when it was saved counts as equal when `wanted` leaves it at its default (new train.py options do not
-    invalidate finished runs); init_from is how a run starts, not what it is."""
+    invalidate finished runs); init_from and overwrite are how a run starts, not what it is."""
     import train
 
     defaults = asdict(train.TrainConfig())
     return all(saved[k] == v if k in saved else v == defaults.get(k)
-               for k, v in wanted.items() if k != "init_from")
+               for k, v in wanted.items() if k not in ("init_from", "overwrite"))
 
 
 def run_state(run: Run) -> str:
@@ -183,6 +183,8 @@ def train_run(run: Run, state: str, threads: int | None, sig: _Signals) -> tuple
     argv = [sys.executable, str(REPO / "train.py"), *run.argv]
     if state == "resume":
         argv.append("--init_from=resume")
+    else:  # the sweep owns its run folders: a stale run of another config is replaced
+        argv.append("--overwrite=true")
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

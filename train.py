@@ -57,6 +57,7 @@ class TrainConfig:
     # "scratch" | "resume" (out_dir/ckpt.pt) | "auto" (resume if out_dir/ckpt.pt exists, else scratch: for
     # schedulers and torchrun --max_restarts) | a Hugging Face GPT-2 folder/hub name
     init_from: str = "scratch"
+    overwrite: bool = False  # let init_from=scratch / <HF folder> replace an existing out_dir/ckpt.pt
     # model: a preset of model.PRESETS plus any GPTConfig fields, e.g. {"n_layer": 4, "pos": "rope"}
     model: str = "gpt2"
     model_overrides: dict = field(default_factory=dict)
@@ -410,6 +411,10 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
+    if cfg.init_from not in ("resume", "auto") and (out / "ckpt.pt").is_file() and not cfg.overwrite:
+        # re-running a finished command must not silently replace hours of training at the first save
+        raise ConfigError(f"{out / 'ckpt.pt'} already exists: continue it with --init_from=resume (or auto), "
+                          "start over with --overwrite=true, or choose another out_dir")
     d = setup_distributed(cfg)
     try:
         return _train(cfg, d)

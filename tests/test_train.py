@@ -297,3 +297,16 @@ def test_moe_aux_loss_is_logged(data, tmp_path):
     dense_out = tmp_path / "dense"
     train.train(in_process_cfg(data, dense_out, max_steps=1, eval_interval=0))
     assert "moe_aux_loss" not in (dense_out / "metrics.jsonl").read_text()
+
+
+def test_scratch_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    run(args(data, out, max_steps=2, eval_interval=0))
+    before = (out / "ckpt.pt").read_bytes()
+    cmd = [sys.executable, str(REPO / "train.py"), *args(data, out, max_steps=2, eval_interval=0)]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "already exists" in r.stderr and "--overwrite=true" in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    run(args(data, out, max_steps=3, eval_interval=0, overwrite=True))  # asked for: starts over
+    assert ckpt(out)["step"] == 3
