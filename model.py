@@ -314,13 +314,16 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
+def dense_mask(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+    """The mask of the dense kernels: None (plain causal) without doc_mask, else the document-causal mask."""
+    return None if doc_ids is None else document_causal_mask(doc_ids)
+
+
 class SDPAKernel:
     """PyTorch's fused kernels (flash / memory-efficient / math). With doc_mask, a dense boolean mask: always
     works, but costs T x T memory per row and rules out the flash kernel."""
 
-    @staticmethod
-    def mask(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
-        return None if doc_ids is None else document_causal_mask(doc_ids)
+    mask = staticmethod(dense_mask)
 
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -331,9 +334,7 @@ class SDPAKernel:
 class ManualKernel:
     """The textbook formula, softmax(QK^T / sqrt(d) + mask) V: a readable reference."""
 
-    @staticmethod
-    def mask(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
-        return None if doc_ids is None else document_causal_mask(doc_ids)
+    mask = staticmethod(dense_mask)
 
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
