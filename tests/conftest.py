@@ -42,3 +42,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def save_tiny_gpt(d: Path, seed: int) -> dict:
+    """A seeded random-init 2-layer GPT saved as our checkpoint (d/ckpt.pt) and as a HF folder (d/hf)."""
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig, export_hf_gpt2
+
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512))
+    save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, d / "ckpt.pt")
+    export_hf_gpt2(m, d / "hf")
+    return {"ckpt": d / "ckpt.pt", "hf": d / "hf", "dir": d}

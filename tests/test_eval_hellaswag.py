@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_model, save_checkpoint
-from conftest import REPO, shared_file
+from checkpoint import load_model
+from conftest import (
+    REPO,
+    save_tiny_gpt,  # noqa: E402
+    shared_file,
+)
 from errors import UserError
 from eval_hellaswag import encode_pair, evaluate_hellaswag, load_examples, score_batch, tok_encode
 from eval_tasks import write_local_tasks
-from model import GPT, GPTConfig, export_hf_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,12 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A random-init tiny GPT saved both as our checkpoint and as an HF folder."""
-    torch.manual_seed(1234)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512))
-    d = tmp_path_factory.mktemp("tiny")
-    save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, d / "ckpt.pt")
-    export_hf_gpt2(m, d / "hf")
-    return {"ckpt": d / "ckpt.pt", "hf": d / "hf", "dir": d}
+    return save_tiny_gpt(tmp_path_factory.mktemp("tiny"), seed=1234)
 
 
 def lm_eval_hf(hf_dir: Path, tmp: Path, max_length: int, limit: int) -> dict:

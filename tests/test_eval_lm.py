@@ -13,11 +13,15 @@ import pytest
 import torch
 
 from checkpoint import load_model, save_checkpoint
-from conftest import REPO, shared_file
+from conftest import (
+    REPO,
+    save_tiny_gpt,  # noqa: E402
+    shared_file,
+)
 from eval_hellaswag import evaluate_hellaswag, tok_encode
 from eval_lm import run_tasks
 from eval_tasks import wikitext_documents, write_local_tasks
-from model import GPT, GPTConfig, export_hf_gpt2
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,12 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    torch.manual_seed(4321)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512))
-    d = tmp_path_factory.mktemp("tiny_lm")
-    save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, d / "ckpt.pt")
-    export_hf_gpt2(m, d / "hf")
-    return {"ckpt": d / "ckpt.pt", "hf": d / "hf"}
+    return save_tiny_gpt(tmp_path_factory.mktemp("tiny_lm"), seed=4321)
 
 
 def lm_eval_hf(hf_dir: Path, data_dir: Path, tasks: list[str], limit: int, max_length: int = 512) -> dict:
