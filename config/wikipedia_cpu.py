@@ -9,9 +9,11 @@
 #     embedding (50,304 x 256) and 262,144 the positions; training ~0.125 GFLOP/token
 #     (model.estimate_flops_per_token(1024)), ~62% of it the output head.
 #   tokens: 800 steps x 4,096 = 3,276,800 (~0.15 epoch of data/wiki's 21.1M train tokens).
-#   expected tokens/s: 935 (best of 2 bench.py runs, 2-core VM at load ~2) -> 3,276,800 / 935 = 58 min, plus
-#     ~1-2 min of val-loss evaluation. Under contention the same shape measured 296-847 tok/s: re-measure on
-#     the machine you use and scale max_steps / warmup_steps (3.75%) to ~1 hour.
+#   expected tokens/s: 890 (measured on the idle 2-core VM, steps 1-11 of `python train.py
+#     config/wikipedia_cpu.py --max_steps=12 --eval_interval=0 --log_interval=1 --ckpt_interval=0
+#     --out_dir=/tmp/probe`: 852-915 tok/s) -> 3,276,800 / 890 = 61 min, plus ~1-2 min of val loss.
+#     Under contention the same shape measured 296-847 tok/s: re-measure on the machine you use and scale
+#     max_steps / warmup_steps (3.75%) to ~1 hour.
 #   The 4 x 128 body (7.4M params) runs ~1.6x as fast per token (1,503 tok/s best) but uses the CPU worse
 #     (75 vs 116 GFLOP/s achieved); 6 x 256 is the larger model that still fits the hour.
 data_dir = "data/wiki"

@@ -9,7 +9,12 @@
 #
 # Environment: OUT (default out/reproduction_cpu, smoke: out/reproduction_cpu_smoke), SHARED_DATA_DIR
 # (default ../shared/data), SEEDS (default "1337 1338"), TASKS (default hellaswag,lambada_openai,wikitext),
-# EVAL_LIMIT (full default: none = whole tasks), PYTHON (default python).
+# EVAL_LIMIT (full default: none = whole tasks), HELLASWAG_LIMIT (full default: EVAL_LIMIT; its 10,042
+# items take most of the evaluation time), LONG_TASKS (tasks re-run at max_length 1024, default wikitext: every
+# hellaswag/lambada request fits in 512 tokens), TRAIN_OVERRIDES (extra train.py --key=value, e.g.
+# "--max_steps=240 --warmup_steps=9"), PARALLEL (1: train a seed's baseline and doc_mask runs at the same
+# time with OMP_NUM_THREADS=1 each (docs/reproduction_cpu.md has the measured throughput of both ways);
+# losses equal the 2-thread run's to the printed digit), PYTHON (default python).
 # Every step writes its files under $OUT; a step whose output exists is skipped, so a re-run resumes
 # (delete $OUT to start again). Training runs resume from their last checkpoint (--init_from=auto).
 set -euo pipefail
@@ -48,14 +53,15 @@ else
   DATA="data/wiki"
   # all 96 files; 1% of the articles (by a seeded hash) form the val split
   PREP_ARGS=(--files "$WIKI" --val-fraction 0.01)
-  TRAIN_ARGS=()
+  read -r -a TRAIN_ARGS <<< "${TRAIN_OVERRIDES:-}"
   EVAL_LIMIT=${EVAL_LIMIT:-}
   EVAL_LENGTHS="512 1024"
   EVAL_BATCH=16
 fi
+HELLASWAG_LIMIT=${HELLASWAG_LIMIT:-$EVAL_LIMIT}
+LONG_TASKS=${LONG_TASKS:-wikitext}
+PARALLEL=${PARALLEL:-0}
 mkdir -p "$OUT"
-LIMIT_ARGS=()
-[ -n "$EVAL_LIMIT" ] && LIMIT_ARGS=(--limit "$EVAL_LIMIT")
 
 # 1. data: WikiExtractor articles -> uint16 shards (title line kept: README "Data preparation")
 if [ ! -f "$DATA/meta.json" ]; then
@@ -71,29 +77,54 @@ for seed in $SEEDS; do
 done
 
 # 3. training: baseline packing vs doc_mask=True, same data order, tokens and seed
+train_run() {  # run seed extra-args...
+  local run=$1 seed=$2; shift 2
+  $PYTHON train.py "$CONFIG" --data_dir="$DATA" --out_dir="$OUT/$run" --seed="$seed" --init_from=auto \
+    "${TRAIN_ARGS[@]}" "$@" >> "$OUT/$run.log" 2>&1
+  touch "$OUT/$run/done"
+}
 runs=()
 for seed in $SEEDS; do
+  pids=()
   for variant in baseline doc_mask; do
     run="${variant}_s$seed"
     runs+=("$run")
     extra=()
     [ "$variant" = doc_mask ] && extra=(--model_overrides.doc_mask=True)
-    if [ ! -f "$OUT/$run/done" ]; then
-      $PYTHON train.py "$CONFIG" --data_dir="$DATA" --out_dir="$OUT/$run" --seed="$seed" --init_from=auto \
-        "${TRAIN_ARGS[@]}" "${extra[@]}" 2>&1 | tee -a "$OUT/$run.log"
-      touch "$OUT/$run/done"
+    [ -f "$OUT/$run/done" ] && continue
+    echo "training $run (log: $OUT/$run.log)"
+    if [ "$PARALLEL" = 1 ]; then
+      OMP_NUM_THREADS=1 train_run "$run" "$seed" "${extra[@]}" &
+      pids+=($!)
+    else
+      train_run "$run" "$seed" "${extra[@]}"
     fi
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || { echo "error: a training run of seed $seed failed; see $OUT/*_s$seed.log" >&2; exit 1; }
   done
 done
 
-# 4. evaluation: lm-eval (local task variants) at each context length, trained models and the init models
+# 4. evaluation: lm-eval (local task variants), trained models and the init model. Files are
+# eval/<run>_L<max_length>[_<part>].json; reproduction_summary.py merges the parts of one run and length.
+evaluate() {  # run max_length tasks limit part
+  local res="$OUT/eval/${1}_L$2$5.json" limit_args=()
+  [ -n "$4" ] && limit_args=(--limit "$4")
+  [ -f "$res" ] && return 0
+  echo "evaluating $1 at max_length $2 on $3 (limit: ${4:-none})"
+  $PYTHON eval_lm.py "$OUT/$1/ckpt.pt" --data-dir "$SHARED" --tasks "$3" --max-length "$2" \
+    --batch-size "$EVAL_BATCH" --device cpu "${limit_args[@]}" --out "$res"
+}
 first_seed=${SEEDS%% *}
+first_len=${EVAL_LENGTHS%% *}
+rest=$(tr ',' '\n' <<< "$TASKS" | grep -vx hellaswag | paste -sd, || true)
 for len in $EVAL_LENGTHS; do
   for run in "${runs[@]}" "init_s$first_seed"; do
-    res="$OUT/eval/${run}_L$len.json"
-    if [ ! -f "$res" ]; then
-      $PYTHON eval_lm.py "$OUT/$run/ckpt.pt" --data-dir "$SHARED" --tasks "$TASKS" --max-length "$len" \
-        --batch-size "$EVAL_BATCH" --device cpu "${LIMIT_ARGS[@]}" --out "$res"
+    if [ "$len" = "$first_len" ]; then
+      [ -n "$rest" ] && evaluate "$run" "$len" "$rest" "$EVAL_LIMIT" ""
+      [[ ",$TASKS," == *,hellaswag,* ]] && evaluate "$run" "$len" hellaswag "$HELLASWAG_LIMIT" _hellaswag
+    else
+      evaluate "$run" "$len" "$LONG_TASKS" "$EVAL_LIMIT" ""
     fi
   done
 done

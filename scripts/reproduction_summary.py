@@ -57,15 +57,18 @@ def summarize(out: Path) -> str:
     if not evals:
         raise UserError(f"no eval/*_L<len>.json under {out}; run scripts/reproduce_cpu.sh first")
     rows: dict[tuple[str, int], dict] = {}
-    limits = set()
+    limits: dict[str, set] = {}  # task -> the --limit values it was evaluated with
     for p in evals:
-        m = re.fullmatch(r"(.+)_L(\d+)\.json", p.name)
+        # <run>_L<len>.json, or a part of it: <run>_L<len>_<part>.json (e.g. hellaswag with its own limit)
+        m = re.fullmatch(r"(.+)_L(\d+)(?:_[a-z_]+)?\.json", p.name)
         if not m:
             continue
         data = json.loads(p.read_text())
-        rows[(m.group(1), int(m.group(2)))] = data["results"]
-        limits.add(data.get("limit"))
-    lines = [f"# {out}", "", f"lm-eval limit per task: {', '.join(map(str, sorted(limits, key=str)))}", "",
+        rows.setdefault((m.group(1), int(m.group(2))), {}).update(data["results"])
+        for task in data["results"]:
+            limits.setdefault(task.removesuffix("_local"), set()).add(data.get("limit"))
+    limit_text = "; ".join(f"{t}: {', '.join(map(str, sorted(v, key=str)))}" for t, v in sorted(limits.items()))
+    lines = [f"# {out}", "", f"lm-eval --limit per task (None: the whole task): {limit_text}", "",
              "| run | max_length | final val loss | " + " | ".join(c[2] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for (run, length), res in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
