@@ -24,6 +24,7 @@ COLUMNS = [
     ("lambada_openai", "acc", "lambada acc"),
     ("lambada_openai", "perplexity", "lambada ppl"),
     ("wikitext", "word_perplexity", "wikitext word_ppl"),
+    ("wikitext", "bits_per_byte", "wikitext bits/byte"),  # comparable with in-domain val loss per byte
 ]
 
 
