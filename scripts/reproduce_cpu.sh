@@ -77,10 +77,11 @@ for seed in $SEEDS; do
 done
 
 # 3. training: baseline packing vs doc_mask=True, same data order, tokens and seed
-train_run() {  # run seed extra-args...
-  local run=$1 seed=$2; shift 2
+train_run() {  # run seed extra-args...; one run at a time prints its log too, parallel runs only write it
+  local run=$1 seed=$2 show=/dev/stdout; shift 2
+  [ "$PARALLEL" = 1 ] && show=/dev/null
   $PYTHON train.py "$CONFIG" --data_dir="$DATA" --out_dir="$OUT/$run" --seed="$seed" --init_from=auto \
-    "${TRAIN_ARGS[@]}" "$@" >> "$OUT/$run.log" 2>&1
+    "${TRAIN_ARGS[@]}" "$@" 2>&1 | tee -a "$OUT/$run.log" > "$show"
   touch "$OUT/$run/done"
 }
 runs=()
