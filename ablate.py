@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import plot
 from errors import ArgumentParser, UserError, run_main
 
 REPO = Path(__file__).resolve().parent
@@ -59,10 +60,8 @@ def _done_marker(run: Run) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """plot.py's reader, but a run that has not logged yet has no records instead of being an error."""
+    return plot.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def summarize(records: list[dict], max_steps: int) -> dict:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from data import open_split  # noqa: E402
 from errors import ArgumentParser, UserError, run_main  # noqa: E402
+from eval_hellaswag import load_examples  # noqa: E402
 from eval_tasks import wikitext_documents  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -42,7 +43,7 @@ def longest_requests(data_dir: Path) -> dict[str, int]:
     from eval_tasks.task_utils import hellaswag_process_docs
 
     enc = get_tokenizer()
-    docs = hellaswag_process_docs(datasets.Dataset.from_list(read_jsonl(data_dir / "hellaswag_val.jsonl")))
+    docs = hellaswag_process_docs(datasets.Dataset.from_list(load_examples(data_dir / "hellaswag_val.jsonl")))
     hellaswag = max(len(enc.encode_ordinary(d["query"] + " " + c)) for d in docs for c in d["choices"])
     lambada = max(len(enc.encode_ordinary(d["text"])) for d in read_jsonl(data_dir / "lambada_openai_test.jsonl"))
     return {"hellaswag": hellaswag, "lambada_openai": lambada}

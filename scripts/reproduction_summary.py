@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from errors import ArgumentParser, UserError, run_main  # noqa: E402
+from plot import read_metrics  # noqa: E402
 
 # (task, metric, column title); tasks are looked up with or without eval_lm's "_local" suffix
 COLUMNS = [
@@ -45,11 +46,10 @@ def fmt(m: tuple[float, float | None] | None) -> str:
 
 
 def final_val_loss(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    """The run's last logged val loss; None for a folder without metrics.jsonl (the init checkpoints)."""
+    if not (run_dir / "metrics.jsonl").is_file():
         return None
-    vals = [r["val_loss"] for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-            if r.get("val_loss") is not None]
+    vals = [r["val_loss"] for r in read_metrics(run_dir) if r.get("val_loss") is not None]
     return vals[-1] if vals else None
 
 

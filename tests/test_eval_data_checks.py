@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -18,7 +17,7 @@ sys.path.insert(0, str(REPO))
 
 from eval_data_checks import NGRAM, ngram_hashes, wikitext_overlap  # noqa: E402
 
-SHARED = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+from conftest import SHARED_DATA, shared_file  # noqa: E402
 
 
 def test_ngram_membership_equals_python_sets() -> None:
@@ -32,9 +31,9 @@ def test_ngram_membership_equals_python_sets() -> None:
 
 
 def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path) -> None:
-    raw = SHARED / "wikitext2_raw" / "wiki.test.raw"
-    if not (raw.is_file() and (SHARED / "hellaswag_val.jsonl").is_file()):
-        pytest.skip(f"needs {raw} and hellaswag_val.jsonl (set SHARED_DATA_DIR)")
+    raw = shared_file("wikitext2_raw/wiki.test.raw")
+    for rel in ("hellaswag_val.jsonl", "lambada_openai_test.jsonl", "tinyshakespeare.txt"):
+        shared_file(rel)
     from eval_tasks import wikitext_documents
     from eval_tasks.task_utils import wikitext_detokenizer
 
@@ -43,11 +42,11 @@ def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path) -> None:
     src = tmp_path / "self.jsonl"
     src.write_text("".join(json.dumps({"text": wikitext_detokenizer({"page": p})}) + "\n" for p in pages))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for name, files in (("self", src), ("other", SHARED / "tinyshakespeare.txt")):
+    for name, files in (("self", src), ("other", SHARED_DATA / "tinyshakespeare.txt")):
         subprocess.run([sys.executable, "prepare_data.py", "--files", str(files), "--out-dir",
                         str(tmp_path / name), "--num-proc", "1"], cwd=REPO, env=env, check=True,
                        capture_output=True)
-    r = subprocess.run([sys.executable, "scripts/eval_data_checks.py", "--data-dir", str(SHARED), "--train",
+    r = subprocess.run([sys.executable, "scripts/eval_data_checks.py", "--data-dir", str(SHARED_DATA), "--train",
                         str(tmp_path / "self"), "--corpus", str(tmp_path)], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True)
     res = json.loads(r.stdout)
@@ -57,5 +56,5 @@ def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path) -> None:
     assert res["wikitext_vs_train"]["wikitext_test_articles"] == 62
     # prepare_data's seeded val split may hold an article back from train, so not quite all of them
     assert res["wikitext_vs_train"]["test_13grams_in_train"] > 0.9
-    other = wikitext_overlap(SHARED, tmp_path / "other", None)
+    other = wikitext_overlap(SHARED_DATA, tmp_path / "other", None)
     assert other["test_13grams_in_train"] < 0.01 and "shared_titles" not in other

@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from checkpoint import load_checkpoint, load_model  # noqa: E402
+from conftest import SHARED_DATA, shared_file  # noqa: E402
 from data import TokenLoader, load_meta  # noqa: E402
 from model import GPT  # noqa: E402
+from plot import read_metrics  # noqa: E402
 from train import Dist, estimate_val_loss, load_config, model_config  # noqa: E402
 
 CONFIG = str(REPO / "config" / "wikipedia_cpu.py")
@@ -44,14 +46,10 @@ def test_wikipedia_config_is_the_seed_recipe() -> None:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    shared = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
-    needed = [shared / "corpus_wikipedia_en" / "AA" / "wiki_00", shared / "lambada_openai_test.jsonl",
-              shared / "wikitext2_raw" / "wiki.test.raw"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        pytest.skip(f"missing real data: {missing}")
+    for rel in ("corpus_wikipedia_en/AA/wiki_00", "lambada_openai_test.jsonl", "wikitext2_raw/wiki.test.raw"):
+        shared_file(rel)
     out = tmp_path_factory.mktemp("repro") / "out"
-    env = {**os.environ, "OUT": str(out), "SHARED_DATA_DIR": str(shared), "SEEDS": "1337",
+    env = {**os.environ, "OUT": str(out), "SHARED_DATA_DIR": str(SHARED_DATA), "SEEDS": "1337",
            "TASKS": "lambada_openai,wikitext", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_cpu.sh"), "--smoke"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -65,7 +63,7 @@ def test_smoke_pipeline_outputs(smoke: Path) -> None:
     assert sum(s["docs"] for s in meta["splits"]["val"]) == 4
     assert sum(s["tokens"] for s in meta["splits"]["train"]) > 100_000  # one of the 96 files: ~0.2M tokens
     for run in ("baseline_s1337", "doc_mask_s1337"):
-        recs = [json.loads(line) for line in (smoke / run / "metrics.jsonl").read_text().splitlines()]
+        recs = read_metrics(smoke / run)
         losses = [r["loss"] for r in recs if "loss" in r]
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
         assert (smoke / run / "ckpt.pt").is_file()
@@ -92,7 +90,7 @@ def test_init_checkpoint_is_train_py_step_0(smoke: Path) -> None:
     """save_init.py's weights must be train.py's initial weights: its val loss and first-batch loss equal the
     step-0 values train.py logged (computed before any update) for the same config and seed."""
     ckpt_model = load_model(smoke / "init_s1337" / "ckpt.pt")
-    recs = [json.loads(line) for line in (smoke / "baseline_s1337" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(smoke / "baseline_s1337")
     val0 = next(r["val_loss"] for r in recs if r["step"] == 0 and "val_loss" in r)
     loss0 = next(r["loss"] for r in recs if r["step"] == 0 and "loss" in r)
     train_cfg = load_checkpoint(smoke / "init_s1337" / "ckpt.pt")["train_config"]
@@ -121,5 +119,5 @@ def test_same_seed_same_losses(smoke: Path, tmp_path: Path) -> None:
     saved = load_checkpoint(smoke / "baseline_s1337" / "ckpt.pt")["train_config"]
     cfg = dataclasses.replace(train.TrainConfig(**saved), out_dir=str(tmp_path / "again"), init_from="scratch")
     again = train.train(cfg)["losses"]
-    recs = [json.loads(line) for line in (smoke / "baseline_s1337" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(smoke / "baseline_s1337")
     assert again == [r["loss"] for r in recs if "loss" in r]
