@@ -12,6 +12,7 @@
 #   expected tokens/s: 890 (measured on the idle 2-core VM, steps 1-11 of `python train.py
 #     config/wikipedia_cpu.py --max_steps=12 --eval_interval=0 --log_interval=1 --ckpt_interval=0
 #     --out_dir=/tmp/probe`: 852-915 tok/s) -> 3,276,800 / 890 = 61 min, plus ~1-2 min of val loss.
+#     The whole 800-step run, measured: 64.0 min wall, 889 tok/s mean (docs/reproduction_cpu.md).
 #     Under contention the same shape measured 296-847 tok/s: re-measure on the machine you use and scale
 #     max_steps / warmup_steps (3.75%) to ~1 hour.
 #   The 4 x 128 body (7.4M params) runs ~1.6x as fast per token (1,503 tok/s best) but uses the CPU worse

@@ -1,10 +1,12 @@
-"""Two facts about the evaluation data that docs/reproduction_cpu.md relies on:
+"""Three facts about the evaluation data that docs/reproduction_cpu.md relies on:
 
 1. request lengths: the longest hellaswag (context + ending) and lambada_openai request in GPT-2 tokens, as
    lm-eval builds them (hellaswag through lm-eval's own process_docs). If both fit in 512 tokens, scoring at
    max_length 512 and 1024 gives identical numbers for them and only wikitext can change.
 2. wikitext contamination: which WikiText-2 test articles share a title with a training article, and what
    fraction of the test set's 13-token n-grams (GPT-3's contamination unit) occur anywhere in the train split.
+3. lambada copying: the fraction of lambada_openai target words (the passage's last word) that already occur
+   as a word in the passage before it, i.e. how much of the task a model can solve by copying from context.
 
     python scripts/eval_data_checks.py --data-dir ../shared/data --train data/wiki
 """
@@ -47,6 +49,16 @@ def longest_requests(data_dir: Path) -> dict[str, int]:
     hellaswag = max(len(enc.encode_ordinary(d["query"] + " " + c)) for d in docs for c in d["choices"])
     lambada = max(len(enc.encode_ordinary(d["text"])) for d in read_jsonl(data_dir / "lambada_openai_test.jsonl"))
     return {"hellaswag": hellaswag, "lambada_openai": lambada}
+
+
+def lambada_target_in_context(path: Path) -> float:
+    """Fraction of passages whose last word also occurs as a whole word (case-sensitive) earlier in it."""
+    docs = read_jsonl(path)
+    hits = 0
+    for d in docs:
+        context, target = d["text"].rsplit(" ", 1)
+        hits += target in set(re.findall(r"[\w']+", context))
+    return round(hits / len(docs), 4)
 
 
 def ngram_hashes(tokens: np.ndarray, n: int = NGRAM) -> np.ndarray:
@@ -96,6 +108,8 @@ def main() -> None:
     data_dir = Path(a.data_dir)
     corpus = Path(a.corpus) if a.corpus else data_dir / "corpus_wikipedia_en"
     print(json.dumps({"longest_request_tokens": longest_requests(data_dir),
+                      "lambada_target_in_context": lambada_target_in_context(
+                          data_dir / "lambada_openai_test.jsonl"),
                       "wikitext_vs_train": wikitext_overlap(data_dir, Path(a.train),
                                                             corpus if corpus.is_dir() else None)}, indent=1))
 

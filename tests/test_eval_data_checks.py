@@ -1,5 +1,6 @@
-"""scripts/eval_data_checks.py: the n-gram overlap against a plain Python set, and the whole check on a tiny
-prepared corpus built from WikiText's own test articles (so the overlap must be 1.0) and from unrelated text."""
+"""scripts/eval_data_checks.py: the n-gram overlap against a plain Python set, the LAMBADA copy count on
+hand-made passages, and the whole check on a tiny prepared corpus built from WikiText's own test articles (so
+the overlap must be 1.0) and from unrelated text."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from eval_data_checks import NGRAM, ngram_hashes, wikitext_overlap  # noqa: E402
+from eval_data_checks import NGRAM, lambada_target_in_context, ngram_hashes, wikitext_overlap  # noqa: E402
 
 from conftest import SHARED_DATA, shared_file  # noqa: E402
 
@@ -28,6 +29,16 @@ def test_ngram_membership_equals_python_sets() -> None:
     want = np.array([g in set(grams(train)) for g in grams(test)])
     got = np.isin(ngram_hashes(test), np.unique(ngram_hashes(train)))
     assert want.sum() >= 40 - NGRAM + 1 and (got == want).all()
+
+
+def test_lambada_target_in_context_counts_whole_words(tmp_path: Path) -> None:
+    docs = ["Anna met Bob, and later she thanked Bob",  # copied, despite the comma in the context
+            "He took the ball from the basket",  # "basket" never appears before
+            "The cat sat. Then the cats left with the cat",  # "cat" as a whole word, not only inside "cats"
+            "A catalogue lay by the cat"]  # only "catalogue": a substring, not the word
+    f = tmp_path / "lambada.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    assert lambada_target_in_context(f) == 0.5
 
 
 def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path) -> None:
@@ -53,6 +64,7 @@ def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path) -> None:
     # every hellaswag / lambada request fits in 512 tokens: 512 vs 1024 only changes wikitext
     assert 100 < res["longest_request_tokens"]["hellaswag"] <= 512
     assert 100 < res["longest_request_tokens"]["lambada_openai"] <= 512
+    assert 0.5 < res["lambada_target_in_context"] < 1  # LAMBADA is built around words recalled from context
     assert res["wikitext_vs_train"]["wikitext_test_articles"] == 62
     # prepare_data's seeded val split may hold an article back from train, so not quite all of them
     assert res["wikitext_vs_train"]["test_13grams_in_train"] > 0.9
