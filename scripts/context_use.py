@@ -57,8 +57,6 @@ def summarize(losses: torch.Tensor) -> dict:
     """Mean loss per position bucket, and the ICL score with its standard error over rows (each row's late
     minus early window mean is one sample)."""
     n, T = losses.shape
-    if T < LATE[1]:
-        raise UserError(f"--seq-len {T} is shorter than the score's late window (positions {LATE[0]}-{LATE[1] - 1})")
     per_row = losses[:, LATE[0]:LATE[1]].mean(1) - losses[:, EARLY[0]:EARLY[1]].mean(1)
     stderr = per_row.std().item() / n ** 0.5 if n > 1 else float("nan")
     return {"rows": n,
@@ -75,6 +73,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rows", type=int, default=None, help="val rows to use (default: all)")
     a = p.parse_args()
+    if a.seq_len < LATE[1]:  # checked before any model runs
+        raise UserError(f"--seq-len {a.seq_len} is shorter than the score's late window (positions "
+                        f"{LATE[0]}-{LATE[1] - 1})")
     for m in a.models:
         model = load_model(m)
         if a.seq_len > model.config.block_size:
