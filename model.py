@@ -508,8 +508,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_aux: bool = False
+    ) -> tuple:
         """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, given targets (B, T) with -1 for
         positions to ignore, the mean cross-entropy computed in fp32. For mlp="moe" in training mode the loss
         also includes moe_aux_loss_coef * the load-balancing loss; `self.aux_loss` holds the latter (for
@@ -536,6 +536,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             if self.training and self.aux_loss is not None:
                 loss = loss + cfg.moe_aux_loss_coef * self.aux_loss
+        if return_aux:
+            return logits, loss, self.aux_loss
         return logits, loss
 
     def num_params(self) -> int:
