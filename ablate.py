@@ -46,7 +46,7 @@ class Run:
     name: str  # folder under the sweep's out dir and the table's row label
     config: Path
     argv: list[str]  # train.py's arguments (after the script path)
-    cfg: object  # train.TrainConfig, resolved from argv exactly as train.py will resolve it
+    cfg: object  # train_config.TrainConfig, resolved from argv exactly as train.py will resolve it
     params: int
     max_steps: int
 
@@ -82,7 +82,7 @@ def summarize(records: list[dict], max_steps: int) -> dict:
 
 def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, data_dir: str | None) -> list[Run]:
     """Resolve every CONFIG[@SEED] into a Run, checking configs, data and comparability before any training."""
-    import train
+    import train_config
     from data import load_meta
     from model import GPT
 
@@ -107,11 +107,11 @@ def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, d
         if run_seed is not None:
             argv.append(f"--seed={run_seed}")
         argv.append(f"--out_dir={out_dir / name}")
-        cfg = train.load_config(argv)
+        cfg = train_config.load_config(argv)
         if not cfg.eval_interval:
             raise UserError(f"{spec}: eval_interval=0 gives no val loss; set it > 0 (--set eval_interval=N)")
         max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / cfg.total_batch_tokens)
-        params = GPT(train.model_config(cfg)).num_params()
+        params = GPT(cfg.model_config()).num_params()
         runs.append(Run(name, path, argv, cfg, params, max_steps))
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -130,9 +130,9 @@ def same_config(saved: dict, wanted: dict) -> bool:
     """Whether a run recorded with TrainConfig `saved` is the run `wanted` asks for. A field that did not exist
     when it was saved counts as equal when `wanted` leaves it at its default (new train.py options do not
     invalidate finished runs); init_from and overwrite are how a run starts, not what it is."""
-    import train
+    import train_config
 
-    defaults = asdict(train.TrainConfig())
+    defaults = train_config.defaults()
     return all(saved[k] == v if k in saved else v == defaults.get(k)
                for k, v in wanted.items() if k not in ("init_from", "overwrite"))
 

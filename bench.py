@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-import perf
+import common
 from errors import ArgumentParser, UserError, run_main
 from model import GPT
-from train import TrainConfig, load_config, model_config, param_groups, peak_flops
+from train import train_step
+from train_config import TrainConfig, load_config
 
 # JSON fields every run writes (tests/test_bench.py checks them).
 JSON_FIELDS = (
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> object:
     p.add_argument("--model", help="model preset (gpt2, gpt2-medium, ...; default: config's, else gpt2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a GPTConfig field, e.g. --set n_layer=4 (repeatable)")
-    p.add_argument("--dtype", choices=sorted(perf.DTYPES), help="autocast dtype (default: config's; "
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), help="autocast dtype (default: config's; "
                    "without a config bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
@@ -121,7 +122,7 @@ def batches(args: object, cfg: TrainConfig, vocab_size: int, device: torch.devic
             pinned: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) on the device. Synthetic: 4 random batches made once on the host and cycled, so the step still
     pays for a host->device copy but not for data loading. Real: data.TokenLoader, loading inside the step."""
-    copy = perf.to_device if pinned else (lambda t, dev: t.to(dev))
+    copy = common.to_device if pinned else (lambda t, dev: t.to(dev))
     B, T = cfg.micro_batch, cfg.seq_len
     if args.data:
         from data import TokenLoader
@@ -147,42 +148,23 @@ def batches(args: object, cfg: TrainConfig, vocab_size: int, device: torch.devic
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
               plain: bool, cudagraphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = cfg.grad_clip or float("inf")
-    autocast = perf.autocast_context(device.type, cfg.dtype)
+    """train.train_step on one micro-batch. The plain path reads the loss back every step, as nanoGPT does."""
+    autocast = common.autocast_context(device.type, cfg.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
 
-    def fast_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if cudagraphs:  # outputs of a replayed graph are overwritten by the next replay: clone what we keep
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+        if cudagraphs:  # outputs of a replayed graph are overwritten by the next replay
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(opt)  # with fp16 this reads the inf flag back (a sync); bf16/fp32 never sync here
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach().clone()  # read later, not now: no host-device sync in the step
+        loss = train_step(model, opt, scaler, lambda: (x, y), 1, autocast, cfg.grad_clip).loss
+        return loss.item() if plain else loss  # fast: read later, not now (no host-device sync in the step)
 
-    def plain_step(x: torch.Tensor, y: torch.Tensor) -> float:  # nanoGPT's loop body, read every step
-        with autocast:
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return plain_step if plain else fast_step
+    return step
 
 
 def build(args: object, cfg: TrainConfig, device: torch.device, plain: bool) -> tuple:
     """Model, (compiled) callable, step function and model FLOPs/token for the fast or the plain path."""
     torch.manual_seed(args.seed)
-    mc = model_config(cfg)
+    mc = cfg.model_config()
     pad = 1 if plain or args.pad_vocab == "off" else max(64, mc.pad_vocab_multiple)
     mc = dataclasses.replace(mc, pad_vocab_multiple=pad)
     raw_model = GPT(mc).to(device)
@@ -190,7 +172,7 @@ def build(args: object, cfg: TrainConfig, device: torch.device, plain: bool) -> 
     pad_rows = mc.padded_vocab_size - mc.vocab_size
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len) - 6 * pad_rows * mc.n_embd
     fused = False if plain else {"auto": None, "on": True, "off": False}[args.fused_adamw]
-    opt = perf.make_adamw(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    opt = common.make_adamw(common.param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                           eps=cfg.eps, fused=fused)
     model = raw_model
     if cfg.compile and not plain:
@@ -204,7 +186,7 @@ def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Ca
     """Fast step and plain step alternated in this process (A B B A A B ...), so that load from other processes
     hits both alike; ratio = plain step time / fast step time per pair (> 1: the fast path is faster).
     Each step is synchronised here, so on CUDA this hides the fast path's sync-free advantage."""
-    perf.configure_backends(tf32=False)
+    common.configure_backends(tf32=False)
     _, _, plain_step, _, _, _ = build(args, cfg, device, plain=True)
     plain_data = batches(args, cfg, cfg_vocab(cfg), device, pinned=False)
     for _ in range(max(1, args.warmup)):
@@ -214,13 +196,13 @@ def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Ca
     pair = (("fast", fast_step, fast_data), ("plain", plain_step, plain_data))
     for i in range(args.steps):
         for name, step, data in pair if i % 2 == 0 else pair[::-1]:  # A B, B A, ...: no order bias
-            perf.configure_backends(tf32=tf32 and name == "fast")
+            common.configure_backends(tf32=tf32 and name == "fast")
             t0 = time.perf_counter()
             out = step(*next(data))
             if isinstance(out, torch.Tensor):
-                perf.sync(device)
+                common.sync(device)
             times[name].append(time.perf_counter() - t0)
-    perf.configure_backends(tf32=tf32)
+    common.configure_backends(tf32=tf32)
     ratios = sorted(p / f for f, p in zip(times["fast"], times["plain"]))
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"pairs": args.steps, "fast_ms_median": statistics.median(times["fast"]) * 1e3,
@@ -229,7 +211,7 @@ def vs_plain(args: object, cfg: TrainConfig, device: torch.device, fast_step: Ca
 
 
 def cfg_vocab(cfg: TrainConfig) -> int:
-    return model_config(cfg).vocab_size
+    return cfg.model_config().vocab_size
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -246,7 +228,7 @@ def run(args: object) -> dict:
 
         load_meta(args.data)  # a missing or incomplete dataset fails before the model is built
     tf32 = device.type == "cuda" and not (args.no_tf32 or args.plain)
-    perf.configure_backends(tf32=tf32)
+    common.configure_backends(tf32=tf32)
     raw_model, model, step, fused, mc, flops_per_token = build(args, cfg, device, args.plain)
     data = batches(args, cfg, mc.vocab_size, device, pinned=not args.plain)
     pad = mc.pad_vocab_multiple
@@ -262,7 +244,7 @@ def run(args: object) -> dict:
     for _ in range(args.warmup):
         t0 = time.perf_counter()
         losses.append(step(*next(data)))
-        perf.sync(device)
+        common.sync(device)
         warm_s.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -292,12 +274,12 @@ def run(args: object) -> dict:
 
     tokens_per_s = B * T * args.steps / total_s
     achieved = flops_per_token * tokens_per_s
-    peak = peak_flops(cfg, device) or None
+    peak = common.peak_flops(device, cfg.peak_flops) or None
     ceiling = None
     if args.measure_ceiling:
-        cdtype = perf.DTYPES[cfg.dtype]
+        cdtype = common.DTYPES[cfg.dtype]
         n = 8192 if device.type == "cuda" else 1024
-        ceiling = perf.measure_matmul_tflops(device, cdtype, n=n, iters=20 if device.type == "cuda" else 5) * 1e12
+        ceiling = common.measure_matmul_tflops(device, cdtype, n=n, iters=20 if device.type == "cuda" else 5) * 1e12
     median_s = statistics.median(step_s)
     first_s = warm_s[0] if warm_s else None
     res = {
@@ -316,9 +298,9 @@ def run(args: object) -> dict:
         "step_ms": [s * 1e3 for s in step_s], "step_ms_median": median_s * 1e3,
         "step_ms_min": min(step_s) * 1e3, "step_ms_max": max(step_s) * 1e3,
         "tokens_per_s": tokens_per_s, "achieved_tflops": achieved / 1e12,
-        "peak_tflops": peak / 1e12 if peak else None, "mfu": perf.mfu(flops_per_token, tokens_per_s, peak),
+        "peak_tflops": peak / 1e12 if peak else None, "mfu": common.mfu(flops_per_token, tokens_per_s, peak),
         "ceiling_tflops": ceiling / 1e12 if ceiling else None,
-        "mfu_vs_ceiling": perf.mfu(flops_per_token, tokens_per_s, ceiling),
+        "mfu_vs_ceiling": common.mfu(flops_per_token, tokens_per_s, ceiling),
         "peak_memory_bytes": mem_bytes, "memory_kind": mem_kind,
         "first_step_s": first_s,
         # compile time = the first (compiling) step minus an ordinary step
@@ -339,7 +321,7 @@ def profile(step: Callable, data: Iterator, device: torch.device) -> None:
     with torch_profile(activities=acts) as prof:
         for _ in range(3):
             step(*next(data))
-        perf.sync(device)
+        common.sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=20))
 

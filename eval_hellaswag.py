@@ -19,7 +19,6 @@ Two protocols, reported side by side under different names:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import autocast_context, setup_distributed
 from errors import ArgumentParser, UserError, run_main
 from tokenizer import get_tokenizer
 
@@ -299,30 +299,6 @@ def load_model_for_eval(path: str) -> torch.nn.Module:
     return load_model(path)
 
 
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast for the forward pass, or nothing for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
-def _setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """RANK/WORLD_SIZE from torchrun, else a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    import torch.distributed as dist
-
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda")):
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description="HellaSwag acc/acc_norm exactly as lm-eval defines them, plus llm.c's metric")
     p.add_argument("model", help="our checkpoint file (ckpt.pt) or a Hugging Face GPT-2 folder")
@@ -341,9 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--batch-size must be >= 1 and --max-length >= 2")
     model = load_model_for_eval(args.model)
     _rendered(args.data, args.limit)  # bad data fails here, before any distributed setup
-    rank, world, device = _setup_distributed(args.device)
+    d = setup_distributed(args.device or "auto")
+    rank, world, device = d.rank, d.world_size, d.device
     model.to(device)
-    with autocast_context(device, args.dtype):
+    with autocast_context(device.type, args.dtype):
         result = evaluate_hellaswag(model, args.data, args.limit, args.batch_size, args.max_length, device,
                                     rank, world, progress=True)
     if world > 1:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from lm_eval.api.model import TemplateLM
 
+from common import autocast_context
 from errors import ArgumentParser, UserError, run_main
-from eval_hellaswag import autocast_context, load_model_for_eval, score_batch, tok_encode, unwrap
+from eval_hellaswag import load_model_for_eval, score_batch, tok_encode, unwrap
 from tokenizer import EOT, get_tokenizer
 
 DEFAULT_TASKS = "hellaswag,lambada_openai,wikitext"
@@ -72,7 +73,7 @@ class GPTLM(TemplateLM):
         with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                with autocast_context(self._device, self.dtype):
+                with autocast_context(self._device.type, self.dtype):
                     scores = score_batch(self.model, [(requests[i][1], requests[i][2]) for i in idx],
                                          self._max_length, self._device)
                 for i, s in zip(idx, scores):

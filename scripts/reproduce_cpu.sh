@@ -71,8 +71,8 @@ fi
 # 2. the model at initialisation (one per seed; doc_mask does not change the weights, only the attention mask)
 for seed in $SEEDS; do
   if [ ! -f "$OUT/init_s$seed/ckpt.pt" ]; then
-    $PYTHON scripts/save_init.py "$CONFIG" --data_dir="$DATA" --seed="$seed" "${TRAIN_ARGS[@]}" \
-      --out "$OUT/init_s$seed/ckpt.pt"
+    $PYTHON train.py "$CONFIG" --data_dir="$DATA" --seed="$seed" "${TRAIN_ARGS[@]}" --out_dir="$OUT/init_s$seed" \
+      --max_steps=0 --max_tokens=0 --eval_interval=0
   fi
 done
 

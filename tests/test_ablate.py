@@ -220,9 +220,9 @@ def test_runs_from_before_a_new_train_option_still_count_as_finished():
     """A field added to TrainConfig after a run was saved matches only while it stays at its default."""
     from dataclasses import asdict
 
-    import train
+    import train_config
 
-    wanted = asdict(train.load_config([CONFIGS[0]]))
+    wanted = asdict(train_config.load_config([CONFIGS[0]]))
     saved = {k: v for k, v in wanted.items() if k != "hellaswag_limit"}  # as if the field were new
     assert ablate.same_config(saved, wanted)
     assert not ablate.same_config(saved, {**wanted, "hellaswag_limit": 7})

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from _shards import markov_dataset
+from common import param_groups
 from errors import UserError
 from model import GPT, GPTConfig
-from train import TrainConfig, load_config, lr_at, param_groups
+from train import lr_at
+from train_config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "{'n_layer': 1, 'n_head': 2, 'n_embd': 16, 'vocab_size': 64, 'block_size': 16}"
@@ -29,7 +30,7 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.lr == 2e-3 and cfg.max_steps == 7 and cfg.compile is True and cfg.micro_batch == 4
     assert cfg.model_overrides == {"n_layer": 2, "n_head": 4} and cfg.wandb_run_name == "x y"
     assert isinstance(cfg.min_lr, float)
-    assert train.model_config(cfg) == GPTConfig(n_layer=2, n_head=4)
+    assert cfg.model_config() == GPTConfig(n_layer=2, n_head=4)
 
 
 @pytest.mark.parametrize("text, argv, match", [
@@ -60,7 +61,7 @@ def test_shipped_configs():
     fw = load_config([str(REPO / "config/gpt2_fineweb_edu.py")])
     for cfg in (owt, fw):
         assert cfg.total_batch_tokens == 524_288 and math.ceil(cfg.max_tokens / cfg.total_batch_tokens) == 19_074
-        mc = train.model_config(cfg)
+        mc = cfg.model_config()
         assert (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size, mc.vocab_size) == (12, 12, 768, 1024, 50257)
         for world in (1, 2, 4, 8):  # the global batch divides evenly on 1-8 GPUs
             assert cfg.total_batch_tokens % (cfg.micro_batch * cfg.seq_len * world) == 0

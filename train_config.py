@@ -1,0 +1,221 @@
+"""Training configuration: the TrainConfig dataclass, the config files of config/ and --key=value overrides.
+
+A config file is plain Python assignments (`lr = 6e-4`) applied in order, then `--key=value` overrides;
+`--model_overrides.n_layer=4` sets one entry of the model_overrides dict. Every value is checked against the
+field's declared type by one checker (`check_value`): an unknown name or a value of the wrong type is an error
+that names the key. A TrainConfig validates itself when it is built, so every way of making one is checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from errors import UserError
+from model import GPTConfig
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # data / output
+    data_dir: str = "data/openwebtext"  # prepared by prepare_data.py (meta.json + uint16 shards)
+    out_dir: str = "out/gpt2"
+    # "scratch" | "resume" (out_dir/ckpt.pt) | "auto" (resume if out_dir/ckpt.pt exists, else scratch: for
+    # schedulers and torchrun --max_restarts) | a Hugging Face GPT-2 folder/hub name
+    init_from: str = "scratch"
+    overwrite: bool = False  # let init_from=scratch / <HF folder> replace an existing out_dir/ckpt.pt
+    # model: a preset of model.PRESETS plus any GPTConfig fields, e.g. {"n_layer": 4, "pos": "rope"}
+    model: str = "gpt2"
+    model_overrides: dict = field(default_factory=dict)
+    # batch: total_batch_tokens = micro_batch * seq_len * grad_accum * world_size (grad_accum is derived)
+    micro_batch: int = 16
+    seq_len: int = 1024
+    total_batch_tokens: int = 524_288  # 2**19, GPT-3 small's 0.5M tokens
+    # exactly one of max_steps / max_tokens must be > 0 (max_steps = ceil(max_tokens / total_batch_tokens));
+    # max_steps=0 with max_tokens=0 writes the step-0 checkpoint and stops
+    max_steps: int = -1
+    max_tokens: int = 0
+    # optimizer: AdamW; lr warms up linearly for warmup_steps, then cosine-decays to min_lr at max_steps
+    lr: float = 6e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 700
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D params only (matmul weights and embeddings); never biases/norm gains
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    # numerics / speed
+    dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (no autocast)
+    device: str = "auto"  # auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    compile: bool = False  # torch.compile the model (minutes of compile on first steps; faster after)
+    zero1: bool = True  # shard AdamW state across ranks (ZeroRedundancyOptimizer); ignored with one process
+    backend: str = "auto"  # torch.distributed backend: auto = nccl on CUDA, gloo on CPU
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a rank crashed or hangs) fails the job, no hang
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (fp32/bf16; fp16's scaler skips)
+    # evaluation / logging / checkpoints (all intervals in optimizer steps; 0 = never)
+    eval_interval: int = 250  # val loss over eval_iters x micro_batch val rows, shared among ranks
+    eval_iters: int = 20
+    hellaswag_interval: int = 0  # eval_hellaswag.evaluate_hellaswag every N steps (0 = off)
+    hellaswag_path: str = ""  # local hellaswag jsonl ("" = eval_hellaswag's default)
+    hellaswag_limit: int = 0  # examples per evaluation (0 = all)
+    log_interval: int = 10  # also how often the host reads the device: loss, finite check, stop request
+    ckpt_interval: int = 1000  # a checkpoint is also written at the end and on SIGTERM/SIGINT
+    seed: int = 1337
+    # wandb (opt-in; WANDB_MODE=offline works without network; a resumed run continues the same wandb run)
+    wandb_log: bool = False
+    wandb_project: str = "gpt2"
+    wandb_run_name: str = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_value(f.name, getattr(self, f.name), f.type, "config")
+        self.lr, self.min_lr = float(self.lr), float(self.min_lr)
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"dtype={self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.max_steps < 0 and self.max_tokens == 0:
+            raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
+        if self.max_steps > 0 and self.max_tokens > 0 or self.max_tokens < 0:
+            raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
+        for k in ("micro_batch", "seq_len", "total_batch_tokens", "eval_iters", "log_interval"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k}={getattr(self, k)} must be positive")
+        for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k}={getattr(self, k)} must be >= 0")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be positive")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        self.model_config()  # checks the preset, the overrides and seq_len against block_size
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (0: only the step-0 checkpoint)."""
+        if self.max_tokens:
+            return -(-self.max_tokens // self.total_batch_tokens)
+        return self.max_steps
+
+    def model_config(self) -> GPTConfig:
+        """The GPTConfig this config asks for: the preset plus model_overrides, each checked against
+        GPTConfig's fields and their types."""
+        known = {f.name: f for f in fields(GPTConfig)}
+        for key, value in self.model_overrides.items():
+            if key not in known:
+                raise ConfigError(f"model_overrides: unknown GPTConfig field {key!r}{close_matches(key, list(known))}")
+            check_value(key, value, known[key].type, "model_overrides")
+        mc = GPTConfig.from_preset(self.model, **self.model_overrides)
+        if self.seq_len > mc.block_size:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={mc.block_size}; "
+                              "lower seq_len or set model_overrides block_size")
+        return mc
+
+
+def close_matches(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(names)}"
+
+
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "dict": lambda v: isinstance(v, dict),
+    "None": lambda v: v is None,
+}
+
+
+def check_value(key: str, value: object, type_name: str, where: str) -> None:
+    """Raise ConfigError unless value fits the annotation type_name ("int", "float", "int | None", ...)."""
+    options = [t.strip() for t in str(type_name).split("|")]
+    if not any(_TYPE_CHECKS[t](value) for t in options):
+        raise ConfigError(f"{where}: {key} must be {type_name}, got {type(value).__name__} {value!r}")
+
+
+def parse_value(key: str, text: str, type_name: str) -> object:
+    """A command-line string as a value of the annotation type_name."""
+    options = [t.strip() for t in str(type_name).split("|")]
+    if "bool" in options:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={text}: expected true/false")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if "str" not in options:
+            raise ConfigError(f"--{key}={text}: not a valid {type_name}") from None
+        value = text  # a bare word such as rope
+    if "str" in options and not isinstance(value, str):
+        value = text  # --out_dir=123 is the string "123"
+    check_value(key, value, type_name, "command line")
+    return value
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}  # annotations are strings: "int", "float", ...
+MODEL_FIELD_TYPES = {f.name: f.type for f in fields(GPTConfig)}
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from optional config files (plain assignments, applied in order) and --key=value overrides."""
+    values: dict[str, Any] = {}
+    names = list(FIELD_TYPES)
+    for arg in argv:
+        if not arg.startswith("--"):
+            for key, value in _read_config_file(Path(arg)).items():
+                if key not in FIELD_TYPES:
+                    raise ConfigError(f"config file {arg}: unknown key {key!r}{close_matches(key, names)}")
+                check_value(key, value, FIELD_TYPES[key], f"config file {arg}")
+                values[key] = value
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: overrides are written --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key.startswith("model_overrides."):
+            sub = key.split(".", 1)[1]
+            if sub not in MODEL_FIELD_TYPES:
+                raise ConfigError(f"--{key}: unknown GPTConfig field {sub!r}"
+                                  f"{close_matches(sub, list(MODEL_FIELD_TYPES))}")
+            values["model_overrides"] = {**values.get("model_overrides", {}),
+                                         sub: parse_value(key, text, MODEL_FIELD_TYPES[sub])}
+            continue
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"--{key}: unknown key{close_matches(key, names)}")
+        values[key] = parse_value(key, text, FIELD_TYPES[key])
+    return TrainConfig(**values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    scope: dict[str, Any] = {}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), scope)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from e
+    # __builtins__ and imported modules are not settings
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not isinstance(v, type(sys))}
+
+
+def defaults() -> dict[str, Any]:
+    """Every TrainConfig field's default (TrainConfig() itself is not valid: it sets no run length)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(TrainConfig)}
+
+
+def describe_fields() -> str:
+    """Every TrainConfig field with its default and type, for --help."""
+    return "\n".join(f"  --{k}={v!r}  ({FIELD_TYPES[k]})" for k, v in defaults().items())
