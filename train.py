@@ -355,31 +355,6 @@ class TrainingDiverged(Exception):
     pass
 
 
-def _test_faults() -> dict:
-    """Fault injection for tests/test_faults.py only: JSON in $TRAIN_TEST_FAULTS (never set in real runs).
-    "nan_steps": [k, ...] steps whose loss is made NaN; "nan_from": k, every step from k on; "crash" / "hang":
-    {"step": k, "rank": r, "once": marker_path} exits with code 17 / sleeps at the start of step k on rank r
-    (with "once": only if the marker file does not exist yet, which it then creates)."""
-    text = os.environ.get("TRAIN_TEST_FAULTS")
-    return json.loads(text) if text else {}
-
-
-def _inject_faults(faults: dict, step: int, rank: int) -> None:
-    for kind in ("crash", "hang"):
-        f = faults.get(kind)
-        if not f or f["step"] != step or f.get("rank", 0) != rank:
-            continue
-        if f.get("once"):
-            if Path(f["once"]).exists():
-                continue
-            Path(f["once"]).touch()
-        print(f"injected fault: {kind} on rank {rank} at step {step}", file=sys.stderr, flush=True)
-        if kind == "crash":
-            os._exit(17)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung for good, but torchrun may still stop it
-        time.sleep(3600)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -440,7 +415,6 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
 
     # --- model (+ checkpoint) --------------------------------------------------------------------------
     ckpt = None
-    faults = _test_faults()
     if d.enabled and cfg.init_from in ("auto", "resume"):  # every rank must see the same checkpoint
         seen = torch.tensor([float(ckpt_path.is_file())], device=d.device)
         dist.all_reduce(seen)
@@ -604,8 +578,6 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     try:
         model.train()
         while step < max_steps:
-            if faults:
-                _inject_faults(faults, step, d.rank)
             if cfg.eval_interval and step % cfg.eval_interval == 0:
                 val_loss = evaluate(step)
             t0 = time.perf_counter()
@@ -620,8 +592,6 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 with (nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
                     loss = loss / grad_accum
-                if faults and (step in faults.get("nan_steps", ()) or 0 <= faults.get("nan_from", -1) <= step):
-                    loss = loss * float("nan")
                 loss_sum += loss.detach()
                 if raw_model.aux_loss is not None:
                     aux_sum += raw_model.aux_loss.detach() / grad_accum
