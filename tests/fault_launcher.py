@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -74,7 +76,7 @@ def install(faults: dict) -> None:
 
     def write(state: dict, f: io.BufferedWriter) -> None:
         buf = io.BytesIO()
-        checkpoint.torch.save(state, buf)
+        torch.save(state, buf)
         data = buf.getvalue()
         f.write(data[: len(data) // 2])
         f.flush()
