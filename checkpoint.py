@@ -7,13 +7,10 @@ then os.replace'd: a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import pickle
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,22 +26,8 @@ class CheckpointWriteError(UserError):
 
 
 def _write(state: dict, f: io.BufferedWriter) -> None:
-    """torch.save into f. $CKPT_TEST_FAULT (tests/test_faults.py only) writes half the bytes, then either fails
-    like a full disk ("enospc") or announces itself on stdout and sleeps ("slow:SECONDS") so a test can kill it."""
-    fault = os.environ.get("CKPT_TEST_FAULT")
-    if not fault:
-        torch.save(state, f)
-        return
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    f.write(data[: len(data) // 2])
-    f.flush()
-    if fault == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    print("checkpoint write in progress", file=sys.stdout, flush=True)
-    time.sleep(float(fault.split(":")[1]))
-    f.write(data[len(data) // 2 :])
+    """The one place the bytes are written (tests/fault_launcher.py replaces it to fail or stall mid-write)."""
+    torch.save(state, f)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

@@ -1,13 +1,14 @@
 """Fault injection on real train.py processes (tiny model, CPU, fp32). Every promise is checked against a run
 nobody interrupted: same loss curve (metrics.jsonl, bit for bit) and same final weights/optimizer state.
 
-Faults come from outside (SIGKILL, SIGINT, torchrun) or from two test-only hooks: $TRAIN_TEST_FAULTS (train.py:
-NaN losses, a rank that crashes or hangs at a step) and $CKPT_TEST_FAULT (checkpoint.py: a write that stalls
-half-way or fails like a full disk). README "Reliability" lists each promise with its test."""
+Faults come from outside (SIGKILL, SIGINT, torchrun) or from tests/fault_launcher.py, which runs train.main()
+with test-only patches: NaN losses, a rank that crashes or hangs at a step, a checkpoint write that stalls
+half-way or fails like a full disk. README "Reliability" lists each promise with its test."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -51,10 +52,11 @@ def ref2(data, tmp_path_factory) -> Path:
     return out
 
 
-def start(argv: list[str], extra_env: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
-    cmd = (launcher or [sys.executable]) + [str(REPO / "train.py"), *argv]
-    return subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(argv: list[str], faults: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    """train.py with argv, or, given faults, tests/fault_launcher.py with them (the same train.main())."""
+    script = [str(REPO / "train.py")] if faults is None else [str(REPO / "tests/fault_launcher.py"), json.dumps(faults)]
+    return subprocess.Popen((launcher or [sys.executable]) + script + argv, cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def kill_when(p: subprocess.Popen, trigger: str, sig: int, delay: float = 0.0, after: str | None = None) -> str:
@@ -112,7 +114,7 @@ def test_kill_during_checkpoint_write_keeps_previous(data, ref, tmp_path):
     """SIGKILL while the step-4 checkpoint is half written: ckpt.pt is still the complete step-2 checkpoint, the
     half-written temp file is never ckpt.pt, and resuming gives the uninterrupted result."""
     out = tmp_path / "cut"
-    p = start(args(data, out, **KW), {"CKPT_TEST_FAULT": "slow:1"})
+    p = start(args(data, out, **KW), {"ckpt_write": "slow:1"})
     kill_when(p, "checkpoint write in progress", signal.SIGKILL, after="saved checkpoint")
     assert p.returncode == -signal.SIGKILL
     partial = list(out.glob("ckpt.pt.*.tmp"))
@@ -143,7 +145,7 @@ def test_disk_full_is_a_clear_error_and_keeps_the_checkpoint(data, tmp_path):
     out = tmp_path / "full"
     run(args(data, out, **{**KW, "max_steps": 4}))
     before = (out / "ckpt.pt").read_bytes()
-    p = start(args(data, out, init_from="resume", **{**KW, "max_steps": 8}), {"CKPT_TEST_FAULT": "enospc"})
+    p = start(args(data, out, init_from="resume", **{**KW, "max_steps": 8}), {"ckpt_write": "enospc"})
     code, log, _ = finish(p)
     assert code == 2, log
     err = [ln for ln in log.splitlines() if ln.startswith("error:")]
@@ -156,11 +158,12 @@ def test_disk_full_is_a_clear_error_and_keeps_the_checkpoint(data, tmp_path):
 def test_nan_steps_skipped_then_persistent_nan_stops_with_last_good_state(data, tmp_path):
     """Loss NaN at step 3 (skipped, logged) and from step 6 on: with max_bad_steps=3 the run stops after step 8
     with one clear error line (exit 1) and a checkpoint whose weights and AdamW state equal those of the
-    same run checkpointed just before step 6 (its last good update), bit for bit."""
+    same run checkpointed just before step 6 (its last good update), bit for bit. Evaluation is never made NaN:
+    the step-8 val loss (of the last good weights) is finite."""
     nan_out, good_out = tmp_path / "nan", tmp_path / "good"
     faults = {"nan_steps": [3], "nan_from": 6}
     kw = {**KW, "ckpt_interval": 0, "max_bad_steps": 3}
-    code, log, _ = finish(start(args(data, nan_out, **kw), {"TRAIN_TEST_FAULTS": json.dumps(faults)}))
+    code, log, _ = finish(start(args(data, nan_out, **kw), faults))
     assert code == 1 and "Traceback" not in log, log
     assert "warning: step 3: non-finite loss nan" in log and "update skipped (1 in a row)" in log
     err = [ln for ln in log.splitlines() if ln.startswith("error:")]
@@ -168,8 +171,7 @@ def test_nan_steps_skipped_then_persistent_nan_stops_with_last_good_state(data, 
     assert f"before step 6 (the last good update) are saved in {nan_out / 'ckpt.pt'}" in err[0]
     # reference: the same faults, but a checkpoint at step 6 and a crash before step 6 runs
     faults_ref = {"nan_steps": [3], "crash": {"step": 6, "rank": 0}}
-    code, log, _ = finish(start(args(data, good_out, **{**kw, "ckpt_interval": 6}),
-                                {"TRAIN_TEST_FAULTS": json.dumps(faults_ref)}))
+    code, log, _ = finish(start(args(data, good_out, **{**kw, "ckpt_interval": 6}), faults_ref))
     assert code == 17, log
     got, want = ckpt(nan_out), ckpt(good_out)
     assert got["step"] == 9 and want["step"] == 6
@@ -179,6 +181,8 @@ def test_nan_steps_skipped_then_persistent_nan_stops_with_last_good_state(data, 
         for name, t in st.items():
             assert torch.equal(got["optimizer"]["state"][i][name], t), (i, name)
     assert [(s, repr(x)) for s, x in metrics(nan_out)[0][:6]] == [(s, repr(x)) for s, x in metrics(good_out)[0]]
+    val = metrics(nan_out)[1]
+    assert [s for s, _ in val] == [0, 4, 8] and val[:2] == metrics(good_out)[1] and math.isfinite(val[2][1]), val
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,12 +192,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def test_crashed_rank_fails_the_job_naming_it(data, tmp_path):
-    """Rank 1 dies (exit 17) at the start of step 4: the job exits non-zero within seconds, torchrun names
-    rank 1 as the root cause, and ckpt.pt is the intact step-4 checkpoint."""
+    """Rank 1 dies (exit 17) at the start of step 4's update (after both ranks ran step 4's evaluation): the job
+    exits non-zero within seconds, torchrun names rank 1 as the root cause, and ckpt.pt is the intact step-4
+    checkpoint."""
     out = tmp_path / "crash"
     faults = {"crash": {"step": 4, "rank": 1}}
-    p = start(args(data, out, dist_timeout_s=20, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
-              TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    p = start(args(data, out, dist_timeout_s=20, **DDP_KW), faults, TORCHRUN + ["--standalone", "--nproc_per_node=2"])
     code, log, wall = finish(p, timeout=120)
     assert code != 0 and wall < 60, log
     assert "injected fault: crash on rank 1 at step 4" in log
@@ -202,12 +206,12 @@ def test_crashed_rank_fails_the_job_naming_it(data, tmp_path):
 
 
 def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
-    """Rank 1 stops responding at step 4: rank 0's next collective fails after dist_timeout_s=5 instead of
-    waiting forever, so the job exits non-zero; the step-4 checkpoint is intact."""
+    """Rank 1 stops responding at the start of step 4's update (after step 4's evaluation): rank 0's next
+    collective (the gradient all-reduce) fails after dist_timeout_s=5 instead of waiting forever, so the job
+    exits non-zero; the step-4 checkpoint is intact."""
     out = tmp_path / "hang"
     faults = {"hang": {"step": 4, "rank": 1}}
-    p = start(args(data, out, dist_timeout_s=5, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
-              TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    p = start(args(data, out, dist_timeout_s=5, **DDP_KW), faults, TORCHRUN + ["--standalone", "--nproc_per_node=2"])
     code, log, wall = finish(p, timeout=150)
     assert code != 0 and "injected fault: hang on rank 1 at step 4" in log, log
     assert re.search(r"timed out", log, re.IGNORECASE), log  # rank 0's collective gave up (gloo: after 5000ms)
@@ -241,7 +245,7 @@ def test_elastic_restart_resumes_from_last_checkpoint(data, ref2, tmp_path):
     resumes from the step-6 checkpoint, and the job ends (exit 0) with the uninterrupted 2-process result."""
     out, marker = tmp_path / "elastic", tmp_path / "crashed_once"
     faults = {"crash": {"step": 6, "rank": 1, "once": str(marker)}}
-    p = start(args(data, out, init_from="auto", dist_timeout_s=30, **DDP_KW), {"TRAIN_TEST_FAULTS": json.dumps(faults)},
+    p = start(args(data, out, init_from="auto", dist_timeout_s=30, **DDP_KW), faults,
               TORCHRUN + ["--standalone", "--nproc_per_node=2", "--max_restarts=1"])
     code, log, _ = finish(p, timeout=240)
     assert code == 0, log
