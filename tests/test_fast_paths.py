@@ -2,7 +2,7 @@
 
 References are the plain PyTorch paths (eager model, foreach AdamW, unpadded vocab, manual attention, fp32
 matmuls) and torch.utils.flop_counter for the FLOPs count. Tests marked cuda skip without a GPU;
-scripts/gpu_check.sh runs them on one."""
+scripts/gpu_check.py runs them on one."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import copy
 import pytest
 import torch
 
-import perf
+import common
+from common import param_groups
 from model import ATTENTION_KERNELS, GPT, GPTConfig
-from train import param_groups
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.sh runs these)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.py runs these)")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
@@ -36,7 +36,7 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: GPTConf
     losses = []
     for i in range(n):
         x, y = batch(cfg, seed=i, device=device)
-        with perf.autocast_context(torch.device(device).type, dtype):
+        with common.autocast_context(torch.device(device).type, dtype):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,14 +75,14 @@ def test_padded_vocab_gives_same_logits_loss_and_grads() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_adamw_matches_foreach(device: str) -> None:
-    if not perf.fused_adamw_available(device):
+    if not common.fused_adamw_available(device):
         pytest.skip(f"fused AdamW is not available on {device} in torch {torch.__version__}")
     torch.manual_seed(0)
     cfg = tiny()
     a = GPT(cfg).to(device)
     b = copy.deepcopy(a)
-    opt_a = perf.make_adamw(param_groups(a, 0.1), lr=1e-3, fused=False)
-    opt_b = perf.make_adamw(param_groups(b, 0.1), lr=1e-3, fused=True)
+    opt_a = common.make_adamw(param_groups(a, 0.1), lr=1e-3, fused=False)
+    opt_b = common.make_adamw(param_groups(b, 0.1), lr=1e-3, fused=True)
     assert opt_b.defaults["fused"] and not opt_a.defaults.get("fused")
     la = train_steps(a, opt_a, cfg, 4, device)
     lb = train_steps(b, opt_b, cfg, 4, device)
@@ -93,9 +93,10 @@ def test_fused_adamw_matches_foreach(device: str) -> None:
     assert la[-1] < la[0]  # the optimizer did train
 
 
-def test_make_adamw_default_is_fused_only_on_cuda() -> None:
-    opt = perf.make_adamw(param_groups(GPT(tiny()), 0.1), lr=1e-3)
-    assert not opt.defaults.get("fused")
+def test_make_adamw_default_is_fused_where_available() -> None:
+    """Fused wherever torch has it: train_step relies on it to skip a non-finite update on the device."""
+    opt = common.make_adamw(param_groups(GPT(tiny()), 0.1), lr=1e-3)
+    assert bool(opt.defaults.get("fused")) == common.fused_adamw_available("cpu")
     # weight decay on matrices only: biases and LayerNorm gains are in the no-decay group
     assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"]) and opt.param_groups[0]["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0.0
@@ -135,7 +136,7 @@ def test_flash_attn_package_matches_manual() -> None:
     fast = GPT(tiny(attention="flash_attn", n_embd=128)).cuda()
     fast.load_state_dict(ref.state_dict())
     x, y = batch(tiny(), device="cuda")
-    with perf.autocast_context("cuda", "bf16"):
+    with common.autocast_context("cuda", "bf16"):
         loss_fast = fast(x, y)[1]
     torch.testing.assert_close(loss_fast, ref(x, y)[1], rtol=1e-2, atol=1e-2)
 
@@ -147,90 +148,152 @@ def test_autocast_loss_close_to_fp32_on_cuda(dtype: str) -> None:
     model = GPT(tiny()).cuda()
     x, y = batch(tiny(), device="cuda")
     ref = model(x, y)[1]
-    with perf.autocast_context("cuda", dtype):
+    with common.autocast_context("cuda", dtype):
         logits, loss = model(x, y)
-    assert logits.dtype == perf.DTYPES[dtype] and loss.dtype == torch.float32  # loss computed in fp32
+    assert logits.dtype == common.DTYPES[dtype] and loss.dtype == torch.float32  # loss computed in fp32
     torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
 
 
 def test_tf32_switch() -> None:
     try:
-        perf.configure_backends(tf32=True)
+        common.configure_backends(tf32=True)
         assert torch.get_float32_matmul_precision() == "high"
-        perf.configure_backends(tf32=False)
+        common.configure_backends(tf32=False)
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
-        perf.configure_backends(tf32=False)
+        common.configure_backends(tf32=False)
 
 
 @needs_cuda
 def test_tf32_matmul_close_to_fp32() -> None:
     a, b = torch.randn(512, 512, device="cuda"), torch.randn(512, 512, device="cuda")
     try:
-        perf.configure_backends(tf32=False)
+        common.configure_backends(tf32=False)
         ref = a @ b
-        perf.configure_backends(tf32=True)
+        common.configure_backends(tf32=True)
         fast = a @ b
     finally:
-        perf.configure_backends(tf32=False)
+        common.configure_backends(tf32=False)
     torch.testing.assert_close(fast, ref, rtol=1e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_to_device_copies_exactly(device: str) -> None:
     x = torch.randint(0, 50257, (4, 64))
-    out = perf.to_device(x[:, 1:], torch.device(device))  # a non-contiguous view, as a loader yields
-    perf.sync(torch.device(device))
+    out = common.to_device(x[:, 1:], torch.device(device))  # a non-contiguous view, as a loader yields
+    common.sync(torch.device(device))
     assert out.device.type == device and torch.equal(out.cpu(), x[:, 1:])
 
 
-def _bench_step(device: str, dtype: str = "fp32"):
-    import bench
-    from train import TrainConfig
+def _train_step(device: str, dtype: str = "fp32"):
+    """train.train_step on a tiny model, as train.py and bench.py call it: one micro-batch per step."""
+    from train import train_step
 
-    cfg = TrainConfig(micro_batch=2, seq_len=32, dtype=dtype, max_steps=1)
     torch.manual_seed(0)
     model = GPT(tiny()).to(device)
-    opt = perf.make_adamw(param_groups(model, 0.1), lr=1e-3)
-    return bench.make_step(model, opt, cfg, torch.device(device), plain=False), opt, tiny()
+    opt = common.make_adamw(param_groups(model, 0.1), lr=1e-3)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == "fp16")
+    autocast = common.autocast_context(device, dtype)
+    x, y = batch(tiny(), device=device)
+    return (lambda: train_step(model, opt, scaler, lambda: (x, y), 1, autocast, 1.0)), model, opt
 
 
-def test_fast_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The measured step never asks for a value on the host (.item / .tolist / bool): on CUDA that would
-    stall the CPU until the GPU catches up. test_fast_step_has_no_cuda_sync checks the same on a GPU."""
-    step, opt, cfg = _bench_step("cpu")
-    x, y = batch(cfg)
-    first = step(x, y)  # creates the optimizer state
-    # Non-capturable AdamW keeps its step counters on the host even for CUDA params: reading them is free.
-    host_counters = {id(s["step"]) for s in opt.state.values()}
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__")}
+def refuse_host_reads(monkeypatch: pytest.MonkeyPatch, allowed: set[int] = frozenset()) -> list[str]:
+    """Make every host read of a tensor (.item / .tolist / bool / float / int) fail, except of `allowed` ids."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
+                                                                 "__int__")}
+    reads: list[str] = []
 
     def refusing(name: str):
         def read(t: torch.Tensor, *a: object, **k: object) -> object:
-            if id(t) not in host_counters:
+            if id(t) not in allowed:
+                reads.append(name)
                 raise AssertionError(f"Tensor.{name}() inside the step")
             return originals[name](t, *a, **k)
         return read
 
     for name in originals:
         monkeypatch.setattr(torch.Tensor, name, refusing(name))
-    losses = [step(x, y) for _ in range(2)]
+    return reads
+
+
+def test_train_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_step never asks for a value on the host (.item / .tolist / bool): on CUDA that would stall the CPU
+    until the GPU catches up. test_train_step_has_no_cuda_sync checks the same on a GPU."""
+    step, _, opt = _train_step("cpu")
+    first = step().loss  # creates the optimizer state
+    refuse_host_reads(monkeypatch)
+    results = [step() for _ in range(2)]
     monkeypatch.undo()
-    assert all(isinstance(v, torch.Tensor) for v in losses)
-    assert float(losses[1]) < float(first)  # the steps did train
+    assert all(isinstance(r.loss, torch.Tensor) and bool(r.finite) for r in results)
+    assert float(results[1].loss) < float(first)  # the steps did train
+
+
+def test_train_step_skips_a_non_finite_update_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN loss: the fused kernel leaves weights, both moments and the step count untouched, with no host read."""
+    step, model, opt = _train_step("cpu")
+    step()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    forward = GPT.forward
+
+    def nan_forward(self, *a, **k):
+        logits, loss, *aux = forward(self, *a, **k)
+        return logits, loss * float("nan"), *aux
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    refuse_host_reads(monkeypatch)
+    r = step()
+    monkeypatch.undo()
+    assert not bool(r.finite)
+    weights, state = before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    for k, s in state["state"].items():
+        assert all(torch.equal(t, opt.state_dict()["state"][k][n]) for n, t in s.items())
+    assert step().finite  # and the next good step trains again
+
+
+def test_train_loop_reads_the_device_only_at_log_steps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.train with log_interval=4: host reads happen at steps 0, 4, 8 and the last one, never between."""
+    import train
+    from _shards import markov_dataset
+    from train_config import load_config
+
+    data = markov_dataset(tmp_path / "data")
+    cfg = load_config([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--model_overrides.n_layer=1",
+                       "--model_overrides.n_head=2", "--model_overrides.n_embd=16", "--model_overrides.vocab_size=64",
+                       "--model_overrides.block_size=16", "--micro_batch=2", "--seq_len=16",
+                       "--total_batch_tokens=64", "--max_steps=10", "--warmup_steps=2", "--eval_interval=0",
+                       "--ckpt_interval=0", "--log_interval=4", "--dtype=fp32"])
+    current = {"step": None}
+    reads: dict[object, int] = {}
+    lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: current.update(step=step) or lr_at(step, *a))
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__")}
+
+    def counting(name: str):
+        def read(t: torch.Tensor, *a: object, **k: object) -> object:
+            reads[current["step"]] = reads.get(current["step"], 0) + 1
+            return originals[name](t, *a, **k)
+        return read
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    result = train.train(cfg)
+    monkeypatch.undo()
+    assert result["step"] == 10 and len(result["losses"]) == 10
+    assert sorted(s for s in reads if s is not None) == [0, 4, 8, 9], reads
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_fast_step_has_no_cuda_sync(dtype: str) -> None:
-    step, _, cfg = _bench_step("cuda", dtype)
-    x, y = batch(cfg, device="cuda")
-    step(x, y)  # first step: lazy optimizer-state init, allocations
+def test_train_step_has_no_cuda_sync(dtype: str) -> None:
+    step, _, _ = _train_step("cuda", dtype)
+    step()  # first step: lazy optimizer-state init, allocations
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            step(x, y)
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -250,8 +313,8 @@ def test_compiled_equals_eager(device: str, dtype: str) -> None:
     eager = GPT(cfg).to(device)
     compiled_raw = copy.deepcopy(eager)
     compiled = torch.compile(compiled_raw)
-    opt_e = perf.make_adamw(param_groups(eager, 0.1), lr=1e-3)
-    opt_c = perf.make_adamw(param_groups(compiled_raw, 0.1), lr=1e-3)
+    opt_e = common.make_adamw(param_groups(eager, 0.1), lr=1e-3)
+    opt_c = common.make_adamw(param_groups(compiled_raw, 0.1), lr=1e-3)
     tol = dict(rel=1e-4) if dtype == "fp32" else dict(rel=2e-2)
     le = train_steps(eager, opt_e, cfg, 3, device, dtype)
     with torch._dynamo.config.patch(error_on_recompile=True):
