@@ -463,6 +463,9 @@ def step_profile(c: Check) -> dict:
     argv = [*flags, "--batch-size", str(B), "--seq-len", str(T), "--dtype", dtype, "--steps", str(steps),
             "--warmup", str(warmup)] + (["--device", "cpu"] if c.rehearse else ["--compile"])
     p = c.child("profile", "child_profile", *argv, cap_s=240)
+    if not p["ops"]:
+        raise StepError(f"the profiler recorded no {'kernels' if p['device'] == 'cuda' else 'ops'}",
+                        c.work / "profile.log")
     n_steps = warmup + steps
     total = sum(us for _, _, us in p["ops"]) or 1.0
     top = [{"name": name, "kind": kind_of(name), "ms_per_step": us / 1e3 / n_steps, "share": us / total,
