@@ -14,8 +14,9 @@ back from the device inside the measured steps; losses are read once at the end.
 
 The model, batch size, sequence length and dtype come from a train.py config (plain assignments, checked by
 train.load_config) and bench's flags override them. MFU = model FLOPs/token (model.estimate_flops_per_token,
-the padded vocab rows not counted) x tokens/s over the GPU's bf16 peak (train.peak_flops table, or
---peak-tflops); --measure-ceiling also times a large matmul and reports MFU against that measured ceiling.
+the padded vocab rows not counted) x tokens/s over the GPU's bf16 peak (common.PEAK_BF16_FLOPS table, or
+--peak-tflops); --measure-ceiling also times a large matmul and reports MFU against that measured ceiling
+(--ceiling-tflops X takes a ceiling measured elsewhere instead).
 On CPU there is no peak: achieved GFLOP/s and the process's peak RSS are reported instead.
 """
 
@@ -75,15 +76,20 @@ def parse_args(argv: list[str]) -> object:
     p.add_argument("--data", metavar="DIR", help="real-loader mode: batches from data.TokenLoader over DIR's "
                    "train split (default: random tokens, no disk I/O)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: train.peak_flops table)")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: common.PEAK_BF16_FLOPS table)")
     p.add_argument("--measure-ceiling", action="store_true",
                    help="time a large matmul in the run's dtype and report MFU against it too")
+    p.add_argument("--ceiling-tflops", type=float, metavar="X",
+                   help="report MFU against this matmul ceiling (TFLOP/s, e.g. measured once by an earlier run) "
+                        "instead of timing one")
     p.add_argument("--profile", action="store_true", help="after timing, profile 3 steps and print the top ops")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    if args.ceiling_tflops is not None and not args.ceiling_tflops > 0:
+        p.error(f"--ceiling-tflops must be positive (got {args.ceiling_tflops})")
     return args
 
 
@@ -275,11 +281,9 @@ def run(args: object) -> dict:
     tokens_per_s = B * T * args.steps / total_s
     achieved = flops_per_token * tokens_per_s
     peak = common.peak_flops(device, cfg.peak_flops) or None
-    ceiling = None
-    if args.measure_ceiling:
-        cdtype = common.DTYPES[cfg.dtype]
-        n = 8192 if device.type == "cuda" else 1024
-        ceiling = common.measure_matmul_tflops(device, cdtype, n=n, iters=20 if device.type == "cuda" else 5) * 1e12
+    ceiling = args.ceiling_tflops * 1e12 if args.ceiling_tflops else None
+    if args.measure_ceiling and ceiling is None:
+        ceiling = common.measure_matmul_tflops(device, common.DTYPES[cfg.dtype]) * 1e12
     median_s = statistics.median(step_s)
     first_s = warm_s[0] if warm_s else None
     res = {

@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked cuda (pytest.mark.cuda) skip on a machine without a CUDA GPU; `pytest -m cuda` selects them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.py runs these)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def shared_file(rel: str) -> Path:
     """Path of a file under the shared real-data folder, or skip the test saying what is missing."""
     p = SHARED_DATA / rel

@@ -352,7 +352,7 @@ def test_doc_mask_kernels_agree(pos):
                     - _same_weights(dense, doc_mask=False)(x)[0]).abs().max() < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn needs a CUDA GPU")
+@pytest.mark.cuda  # flash-attn needs a CUDA GPU
 def test_flash_attn_varlen_agrees_with_dense_mask():
     pytest.importorskip("flash_attn")
     dense = tiny(doc_mask=True, pos="rope").cuda().eval()

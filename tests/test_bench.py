@@ -72,6 +72,14 @@ def test_vs_plain_alternates_fast_and_plain_steps() -> None:
     assert run_bench()["vs_plain"] is None
 
 
+def test_ceiling_tflops_is_taken_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ceiling-tflops X: MFU against X, and no matmul is timed (even with --measure-ceiling)."""
+    monkeypatch.setattr(bench.perf, "measure_matmul_tflops", lambda *a, **k: pytest.fail("ceiling was measured"))
+    res = run_bench("--ceiling-tflops", "2.5", "--measure-ceiling")
+    assert res["ceiling_tflops"] == 2.5
+    assert res["mfu_vs_ceiling"] == pytest.approx(res["achieved_tflops"] / 2.5, rel=1e-9)
+
+
 def test_config_file_sets_model_and_batch(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.py"
     cfg.write_text("model = 'gpt2'\nmodel_overrides = {'n_layer': 1, 'n_head': 2, 'n_embd': 32}\n"
@@ -103,6 +111,7 @@ def test_real_loader_mode(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv, needle", [
     (["--steps", "0"], "--steps"),
+    (["--ceiling-tflops", "0"], "--ceiling-tflops"),
     (["--set", "n_layer"], "KEY=VALUE"),
     (["--device", "cuda:0"], "CUDA"),
     (["--data", "/nonexistent/ds"], "/nonexistent/ds"),

@@ -2,7 +2,7 @@
 
 References are the plain PyTorch paths (eager model, foreach AdamW, unpadded vocab, manual attention, fp32
 matmuls) and torch.utils.flop_counter for the FLOPs count. Tests marked cuda skip without a GPU;
-scripts/gpu_check.py runs them on one."""
+scripts/gpu_check.py runs them on one (pytest -m cuda)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import common
 from common import param_groups
 from model import ATTENTION_KERNELS, GPT, GPTConfig
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.py runs these)")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
@@ -342,3 +341,26 @@ def test_flops_per_token_matches_torch_flop_counter() -> None:
     counted = counter.get_total_flops()
     estimate = model.estimate_flops_per_token(T) * B * T
     assert counted <= estimate <= 1.02 * counted
+
+
+@needs_cuda
+def test_matmul_ceiling_is_below_the_datasheet_peak() -> None:
+    """The CUDA-event timing of common.measure_matmul_tflops against an independent host-clock timing of the same
+    matmuls, and against the datasheet: a timer that missed kernels or a FLOP count off by 2x would exceed it."""
+    import time
+
+    device = torch.device("cuda")
+    measured = common.measure_matmul_tflops(device, torch.bfloat16, n=4096, iters=100)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        a @ b
+    torch.cuda.synchronize()
+    host = 2 * 4096**3 * 100 / (time.perf_counter() - t0) / 1e12
+    assert 0.7 * host <= measured <= 1.5 * host
+    peak = common.peak_flops(device)
+    if peak:
+        assert measured <= peak / 1e12
