@@ -74,7 +74,7 @@ def test_vs_plain_alternates_fast_and_plain_steps() -> None:
 
 def test_ceiling_tflops_is_taken_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
     """--ceiling-tflops X: MFU against X, and no matmul is timed (even with --measure-ceiling)."""
-    monkeypatch.setattr(bench.perf, "measure_matmul_tflops", lambda *a, **k: pytest.fail("ceiling was measured"))
+    monkeypatch.setattr(bench.common, "measure_matmul_tflops", lambda *a, **k: pytest.fail("ceiling was measured"))
     res = run_bench("--ceiling-tflops", "2.5", "--measure-ceiling")
     assert res["ceiling_tflops"] == 2.5
     assert res["mfu_vs_ceiling"] == pytest.approx(res["achieved_tflops"] / 2.5, rel=1e-9)
