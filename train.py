@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import load_checkpoint, save_checkpoint
 from data import TokenLoader, load_meta
 from errors import UserError, run_main
-from model import GPT, GPTConfig, load_hf_gpt2
+from hf import load_hf_gpt2
+from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -618,13 +619,13 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 x, y = (t.to(d.device, non_blocking=True) for t in loader.next_batch())
                 sync = micro == grad_accum - 1 or not d.enabled
                 with (nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss = model(x, y)
+                    _, loss, aux = model(x, y, return_aux=True)
                     loss = loss / grad_accum
                 if faults and (step in faults.get("nan_steps", ()) or 0 <= faults.get("nan_from", -1) <= step):
                     loss = loss * float("nan")
                 loss_sum += loss.detach()
-                if raw_model.aux_loss is not None:
-                    aux_sum += raw_model.aux_loss.detach() / grad_accum
+                if aux is not None:
+                    aux_sum += aux.detach() / grad_accum
                 scaler.scale(loss).backward()
             # one all-reduce carries the mean loss and whether any rank was asked to stop
             packed = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=d.device)])
@@ -660,7 +661,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
                 rec = {"step": step - 1, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                        "tok_per_s": tok_s, "mfu": mfu, "step_ms": dt * 1000, "peak_mem_gib": mem}
-                if raw_model.aux_loss is not None:
+                if aux is not None:
                     rec["moe_aux_loss"] = aux_sum.item()  # this rank's; `loss` includes coef * this
                 record(rec)
                 log(f"step {step - 1}/{max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "

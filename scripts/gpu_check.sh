@@ -68,8 +68,8 @@ fi
 
 if ! want tests; then :
 elif python -c "import pytest" 2>/dev/null; then
-  stamp "3. unit tests (CUDA fast paths, bench)"
-  timeout 200 python -m pytest -q -rs tests/test_fast_paths.py tests/test_bench.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+  stamp "3. unit tests (CUDA fast paths, attention kernels, bench)"
+  timeout 200 python -m pytest -q -rs tests/test_fast_paths.py tests/test_attention.py tests/test_bench.py 2>&1 | tee "$OUT/pytest.log" | tail -25
 else
   echo "skipped: no pytest" | tee "$OUT/pytest.log"
 fi
