@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from model import GPT, GPTConfig, load_hf_gpt2
+from hf import load_hf_gpt2
+from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
 

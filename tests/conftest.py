@@ -57,7 +57,8 @@ def one_torch_thread() -> Iterator[None]:
 def save_tiny_gpt(d: Path, seed: int) -> dict:
     """A seeded random-init 2-layer GPT saved as our checkpoint (d/ckpt.pt) and as a HF folder (d/hf)."""
     from checkpoint import save_checkpoint
-    from model import GPT, GPTConfig, export_hf_gpt2
+    from hf import export_hf_gpt2
+    from model import GPT, GPTConfig
 
     torch.manual_seed(seed)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512))

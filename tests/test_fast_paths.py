@@ -13,7 +13,7 @@ import torch
 
 import common
 from common import param_groups
-from model import ATTENTION_KERNELS, GPT, GPTConfig
+from model import GPT, GPTConfig
 
 needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -99,45 +99,6 @@ def test_make_adamw_default_is_fused_where_available() -> None:
     # weight decay on matrices only: biases and LayerNorm gains are in the no-decay group
     assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"]) and opt.param_groups[0]["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0.0
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sdpa_matches_manual_attention(device: str) -> None:
-    torch.manual_seed(0)
-    ref = GPT(tiny(attention="manual")).to(device)
-    fast = GPT(tiny(attention="sdpa")).to(device)
-    fast.load_state_dict(ref.state_dict())
-    x, y = batch(tiny(), device=device)
-    torch.testing.assert_close(fast(x, y)[1], ref(x, y)[1], rtol=1e-5, atol=1e-5)
-
-
-@needs_cuda
-def test_sdpa_flash_kernel_matches_manual_fp32() -> None:
-    """SDPA restricted to the flash kernel (bf16) against the textbook formula in fp32."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    torch.manual_seed(0)
-    B, H, T, D = 2, 4, 256, 64
-    q, k, v = (torch.randn(B, H, T, D, device="cuda") for _ in range(3))
-    ref = ATTENTION_KERNELS["manual"](q, k, v, 0.0)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = ATTENTION_KERNELS["sdpa"](q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-
-
-@needs_cuda
-def test_flash_attn_package_matches_manual() -> None:
-    pytest.importorskip("flash_attn")
-    if "flash_attn" not in ATTENTION_KERNELS:
-        pytest.skip("model.py has no flash_attn attention kernel")
-    torch.manual_seed(0)
-    ref = GPT(tiny(attention="manual", n_embd=128)).cuda()
-    fast = GPT(tiny(attention="flash_attn", n_embd=128)).cuda()
-    fast.load_state_dict(ref.state_dict())
-    x, y = batch(tiny(), device="cuda")
-    with common.autocast_context("cuda", "bf16"):
-        loss_fast = fast(x, y)[1]
-    torch.testing.assert_close(loss_fast, ref(x, y)[1], rtol=1e-2, atol=1e-2)
 
 
 @needs_cuda

@@ -1,4 +1,5 @@
-"""model.py against the reference nobody here wrote: transformers' GPT2LMHeadModel."""
+"""model.py and hf.py (its Hugging Face import/export) against the reference nobody here wrote: transformers'
+GPT2LMHeadModel. The attention kernels are compared with each other in test_attention.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from errors import UserError
-from model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2
+from hf import export_hf_gpt2, load_hf_gpt2
+from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
@@ -115,16 +117,6 @@ def test_causal_mask_future_tokens_do_not_change_the_past(attention):
         b, _ = model(x2)
     assert torch.equal(a[:, :20], b[:, :20]) or (a[:, :20] - b[:, :20]).abs().max() < 1e-6
     assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3  # the change is visible where it should be
-
-
-def test_manual_attention_equals_sdpa():
-    torch.manual_seed(0)
-    sdpa = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)).eval()
-    manual = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, attention="manual")).eval()
-    manual.load_state_dict(sdpa.state_dict())
-    x = two_sequences(48)
-    with torch.no_grad():
-        assert (sdpa(x)[0] - manual(x)[0]).abs().max() < 1e-5
 
 
 def test_generate_at_zero_temperature_is_greedy():

@@ -273,7 +273,7 @@ def test_init_from_hf_folder(data, tmp_path):
     """init_from=<HF folder>: the step-0 val loss equals transformers' GPT2LMHeadModel on the same rows."""
     transformers = pytest.importorskip("transformers")
     from data import TokenLoader
-    from model import export_hf_gpt2
+    from hf import export_hf_gpt2
 
     torch.manual_seed(0)
     hf_dir = export_hf_gpt2(GPT(GPTConfig(**TINY)), tmp_path / "hf")
