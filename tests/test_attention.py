@@ -18,7 +18,7 @@ from attention import ATTENTION_KERNELS
 from model import GPT, GPTConfig
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.sh runs these)")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 EOT = 256
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, eot_id=EOT)
