@@ -177,9 +177,9 @@ def in_process_cfg(data: Path, out: Path, **kw: object) -> train.TrainConfig:
 def test_non_finite_step_is_skipped_then_stops(data, tmp_path, monkeypatch, capsys):
     forward = GPT.forward
 
-    def nan_forward(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        return logits, (loss * float("nan") if loss is not None and self.training else loss)
+    def nan_forward(self, idx, targets=None, return_aux=False):
+        logits, loss, *aux = forward(self, idx, targets, return_aux)
+        return logits, (loss * float("nan") if loss is not None and self.training else loss), *aux
 
     monkeypatch.setattr(GPT, "forward", nan_forward)
     # one step, all NaN: the update is skipped, so the saved weights are the initial ones
