@@ -170,6 +170,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         placement = PLACEMENTS[cfg.norm_placement]
+        # GPT-2's Block, unless the norms sit elsewhere or the MLP is a MoE (whose loss Block has no place for)
         block = Block if cfg.norm_placement == "pre" and cfg.mlp != "moe" else placement
         self.transformer = nn.ModuleDict(
             dict(
