@@ -107,11 +107,10 @@ def txt_documents(path: Path, doc_sep: str | None, chunk_chars: int = 1 << 22) -
             return
         buf = ""
         while block := f.read(chunk_chars):
-            buf += block
-            cut = buf.rfind(doc_sep)
-            if cut >= 0:
-                yield from buf[:cut].split(doc_sep)
-                buf = buf[cut + len(doc_sep):]
+            # split from the left and keep the tail, as str.split on the whole text would (rfind could pick an
+            # overlapping match, e.g. the second "\n \n" in " \n \n \n")
+            *docs, buf = (buf + block).split(doc_sep)
+            yield from docs
         yield buf
 
 
