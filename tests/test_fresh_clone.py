@@ -35,7 +35,8 @@ def test_clone_prepares_shakespeare_and_trains(tmp_path: Path) -> None:
     r = run("prepare_data.py", "--dataset", "shakespeare", "--no-progress", "--num-proc", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((clone / "data" / "shakespeare" / "meta.json").read_text())
-    assert str(clone / "data" / "tinyshakespeare.txt") in meta["source"]  # the clone's own copy
+    used = Path(meta["source"].split()[1])  # "shakespeare: PATH (speeches, ...)"
+    assert used.resolve() == (clone / "data" / "tinyshakespeare.txt").resolve()  # the clone's own copy
     # the quickstart's "297k train / 34k val tokens" (6,497 + 725 speeches)
     assert {s: [(e["tokens"], e["docs"]) for e in meta["splits"][s]] for s in ("train", "val")} == {
         "train": [(297_121, 6_497)], "val": [(33_686, 725)]}
