@@ -5,7 +5,7 @@ table (OUT/results.md) and validation-loss curves (OUT/results.png).
     python ablate.py config/ablations/baseline.py config/ablations/rope.py --out-dir out/abl
     python ablate.py config/ablations/baseline.py@1338 ...           # CONFIG@SEED: the same config, another seed
     python ablate.py --preset cpu --set max_steps=20                 # train.py --key=value for every run
-    python ablate.py --preset cpu --hellaswag-limit 500 --hellaswag-data ../shared/data/hellaswag_val.jsonl
+    python ablate.py --preset cpu --hellaswag-limit 500 --hellaswag-data <mirror>/hellaswag_val.jsonl
 
 Each run is its own process, `python train.py CONFIG [--key=value ...] --out_dir=OUT/NAME [--seed=S]`, and
 every number in the table is read back from OUT/NAME/metrics.jsonl (and ckpt.pt for HellaSwag). The preset

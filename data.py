@@ -1,5 +1,5 @@
 """Reading prepared datasets: data/<name>/meta.json + {train,val}_NNNNNN.bin (raw little-endian uint16 GPT-2
-token ids, every document preceded by EOT). See DESIGN.md "Formats". prepare_data.py writes them."""
+token ids, every document preceded by EOT). See docs/design.md "Formats". prepare_data.py writes them."""
 
 from __future__ import annotations
 

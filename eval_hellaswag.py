@@ -1,6 +1,6 @@
 """HellaSwag (validation) on one of our checkpoints or a Hugging Face GPT-2 folder.
 
-    python eval_hellaswag.py out/run/ckpt.pt --data ../shared/data/hellaswag_val.jsonl
+    python eval_hellaswag.py out/run/ckpt.pt --data <mirror>/hellaswag_val.jsonl
     torchrun --nproc_per_node=8 eval_hellaswag.py out/run/ckpt.pt      # examples split across ranks
 
 Two protocols, reported side by side under different names:

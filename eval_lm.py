@@ -1,7 +1,7 @@
 """lm-eval's harness (hellaswag, lambada_openai, wikitext) on our checkpoints, any architecture variant.
 
     python eval_lm.py out/run/ckpt.pt --tasks hellaswag,lambada_openai,wikitext --max-length 512
-    python eval_lm.py out/run/ckpt.pt --data-dir ../shared/data     # offline: local copies of the data
+    python eval_lm.py out/run/ckpt.pt --data-dir <mirror>       # offline: local copies of the data
 
 `GPTLM` is a small lm_eval TemplateLM around our GPT. It scores exactly like lm-eval's own `hf` model:
 context/continuation split by TemplateLM, inputs cut to the last max_length tokens, rolling windows for
@@ -134,7 +134,8 @@ def run_tasks(model: torch.nn.Module, tasks: list[str], data_dir: str | Path | N
             return lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=task_manager, limit=limit,
                                            bootstrap_iters=bootstrap_iters, log_samples=log_samples)
         except ConnectionError as e:  # hub datasets offline
-            raise UserError(f"could not fetch task data ({e}); offline, pass --data-dir ../shared/data") from e
+            raise UserError(f"could not fetch task data ({e}); offline, pass --data-dir with local copies "
+                            "(tests/data has samples)") from e
 
 
 def main(argv: list[str] | None = None) -> None:

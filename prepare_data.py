@@ -12,7 +12,7 @@ order, so the output bytes do not depend on --num-proc. At most 2 x num_proc bat
 are written to disk as they fill, so memory stays flat as the input grows. Every document is preceded by EOT
 (50256). A document goes to val by a seeded hash of its index in the stream (or the first --val-docs
 documents do), never by where it lands in the pool. Shards are written as .tmp and renamed; meta.json comes
-last, so a folder with meta.json is complete. Format: DESIGN.md "Formats".
+last, so a folder with meta.json is complete. Format: docs/design.md "Formats".
 """
 
 from __future__ import annotations
@@ -43,12 +43,8 @@ HF_SOURCES = {
 }
 DATASETS = (*HF_SOURCES, "shakespeare")
 FORMATS = ("auto", "txt", "jsonl", "parquet", "wikiextractor")
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"  # shipped: karpathy/char-rnn's input.txt, public domain
 WIKI_HEADER = re.compile(r'<doc id="[^"]*" url="[^"]*" title="[^"]*">$')
-
-
-def default_shakespeare_path() -> Path:
-    shared = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
-    return shared / "tinyshakespeare.txt"
 
 
 @dataclass
@@ -111,11 +107,10 @@ def txt_documents(path: Path, doc_sep: str | None, chunk_chars: int = 1 << 22) -
             return
         buf = ""
         while block := f.read(chunk_chars):
-            buf += block
-            cut = buf.rfind(doc_sep)
-            if cut >= 0:
-                yield from buf[:cut].split(doc_sep)
-                buf = buf[cut + len(doc_sep):]
+            # split from the left and keep the tail, as str.split on the whole text would (rfind could pick an
+            # overlapping match, e.g. the second "\n \n" in " \n \n \n")
+            *docs, buf = (buf + block).split(doc_sep)
+            yield from docs
         yield buf
 
 
@@ -199,7 +194,7 @@ def resolve(cfg: PrepareConfig) -> tuple[Iterator[str], Path, str]:
         source = f"hf:{hf_path}" + (f" ({hf_name})" if hf_name else "")
         docs = hf_documents(hf_path, hf_name, cfg.text_field, cfg.streaming, source, num_proc=cfg.num_proc)
     elif cfg.dataset == "shakespeare":
-        p = Path(cfg.shakespeare_path or default_shakespeare_path())
+        p = Path(cfg.shakespeare_path or SHAKESPEARE)
         if not p.is_file():
             raise UserError(f"Tiny Shakespeare not found at {p}; pass --shakespeare-path (karpathy/char-rnn "
                             "data/tinyshakespeare/input.txt)")
@@ -464,7 +459,8 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                    " (default: each file is one document)")
     p.add_argument("--wiki-title", choices=("keep", "drop"), default="keep",
                    help="WikiExtractor: keep each article's title line as its first line (default) or drop it")
-    p.add_argument("--shakespeare-path", help="Tiny Shakespeare input.txt (default: ../shared/data)")
+    p.add_argument("--shakespeare-path", help="Tiny Shakespeare text file "
+                   "(default: data/tinyshakespeare.txt, shipped with the repository)")
     p.add_argument("--val-fraction", type=float, help="fraction of documents for val, by seeded hash "
                    "(default 0.0005; shakespeare 0.1)")
     p.add_argument("--val-docs", type=int, help="instead: the first N documents go to val")

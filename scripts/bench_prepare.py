@@ -3,8 +3,9 @@ documents with the same number of cores, and peak memory at 1x and 10x input siz
 
     python scripts/bench_prepare.py --num-proc 2
 
-Input: Tiny Shakespeare speeches + WikiText-2 test paragraphs (from ../shared/data or $SHARED_DATA_DIR), as a
-txt file of documents joined by a separator, repeated --repeat times for "1x" and 10x that for "10x".
+Input: Tiny Shakespeare speeches (data/tinyshakespeare.txt) + WikiText-2 test paragraphs (the complete
+wikitext2_raw/wiki.test.raw in --data-dir, default $SHARED_DATA_DIR), as a txt file of documents joined by a
+separator, repeated --repeat times for "1x" and 10x that for "10x".
 prepare_data.py runs as a subprocess; its own tokens/s (printed in its summary, timed from the first document
 to meta.json) is compared with the raw limit, and its memory is sampled every 20 ms with psutil: the peak RSS
 of the main process and the peak of the summed RSS of main + pool workers (forked workers share pages, so the
@@ -30,9 +31,9 @@ from tokenizer import get_tokenizer  # noqa: E402
 SEP = "<|doc-sep|>"
 
 
-def corpus_docs(shared: Path) -> list[str]:
-    shakespeare = (shared / "tinyshakespeare.txt").read_text().split("\n\n")
-    wikitext = (shared / "wikitext2_raw" / "wiki.test.raw").read_text().split("\n \n")
+def corpus_docs(data_dir: Path) -> list[str]:
+    shakespeare = (REPO / "data" / "tinyshakespeare.txt").read_text().split("\n\n")
+    wikitext = (data_dir / "wikitext2_raw" / "wiki.test.raw").read_text().split("\n \n")
     return [d for d in shakespeare + wikitext if d.strip()]
 
 
@@ -78,9 +79,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeat", type=int, default=4, help="copies of the base corpus in the 1x input")
-    p.add_argument("--shared", default=os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+    mirror = os.environ.get("SHARED_DATA_DIR") or None
+    p.add_argument("--data-dir", default=mirror, required=mirror is None,
+                   help="folder holding the complete wikitext2_raw/wiki.test.raw (default: $SHARED_DATA_DIR)")
     args = p.parse_args()
-    docs = corpus_docs(Path(args.shared))
+    docs = corpus_docs(Path(args.data_dir))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = []
@@ -88,7 +91,7 @@ def main() -> None:
         for scale in (1, 10):
             src = tmp / f"input_{scale}x.txt"
             src.write_text(SEP.join(docs * (args.repeat * scale)))
-            # the raw limit is measured right before and after each run (shared machines drift); rows use the mean
+            # the raw limit is measured right before and after each run (a busy machine drifts); rows use the mean
             before = raw_limit(docs * args.repeat, args.num_proc)
             r = run_prepare(src, tmp / "out", args.num_proc)
             after = raw_limit(docs * args.repeat, args.num_proc)

@@ -8,12 +8,13 @@
 3. lambada copying: the fraction of lambada_openai target words (the passage's last word) that already occur
    as a word in the passage before it, i.e. how much of the task a model can solve by copying from context.
 
-    python scripts/eval_data_checks.py --data-dir ../shared/data --train data/wiki
+    python scripts/eval_data_checks.py --data-dir <mirror> --train data/wiki
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -100,7 +101,9 @@ def wikitext_overlap(data_dir: Path, train_dir: Path, corpus_dir: Path | None) -
 
 def main() -> None:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default="../shared/data", help="folder with the evaluation files")
+    mirror = os.environ.get("SHARED_DATA_DIR") or None
+    p.add_argument("--data-dir", default=mirror, required=mirror is None,
+                   help="folder with the evaluation files, as laid out in tests/data (default: $SHARED_DATA_DIR)")
     p.add_argument("--train", default="data/wiki", help="prepare_data.py output whose train split to check")
     p.add_argument("--corpus", default=None, help="WikiExtractor folder of the training articles, for titles "
                    "(default: <data-dir>/corpus_wikipedia_en)")

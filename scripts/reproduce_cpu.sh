@@ -8,8 +8,9 @@
 #                                             # eval --limit 3: about a minute (tests/test_reproduction_smoke.py)
 #
 # Environment: OUT (default out/reproduction_cpu, smoke: out/reproduction_cpu_smoke), SHARED_DATA_DIR
-# (default ../shared/data), SEEDS (default "1337 1338"), TASKS (default hellaswag,lambada_openai,wikitext),
-# EVAL_LIMIT (full default: none = whole tasks), HELLASWAG_LIMIT (full default: EVAL_LIMIT; its 10,042
+# (the full-data mirror folder: corpus_wikipedia_en/ and the evaluation files, laid out as in tests/data;
+# required for the full run, --smoke defaults to tests/data's samples), SEEDS (default "1337 1338"),
+# TASKS (default hellaswag,lambada_openai,wikitext), EVAL_LIMIT (full default: none = whole tasks), HELLASWAG_LIMIT (full default: EVAL_LIMIT; its 10,042
 # items take most of the evaluation time), LONG_TASKS (tasks re-run at max_length 1024, default wikitext: every
 # hellaswag/lambada request fits in 512 tokens), TRAIN_OVERRIDES (extra train.py --key=value, e.g.
 # "--max_steps=240 --warmup_steps=9"), PARALLEL (1: train a seed's baseline and doc_mask runs at the same
@@ -29,7 +30,9 @@ for arg in "$@"; do
 done
 
 PYTHON=${PYTHON:-python}
-SHARED=${SHARED_DATA_DIR:-../shared/data}
+SHARED=${SHARED_DATA_DIR:-}
+[ -n "$SHARED" ] || [ "$SMOKE" = 0 ] || SHARED=tests/data
+[ -n "$SHARED" ] || { echo "error: set SHARED_DATA_DIR to the folder holding corpus_wikipedia_en/ and the evaluation files" >&2; exit 2; }
 WIKI="$SHARED/corpus_wikipedia_en/AA"
 SEEDS=${SEEDS:-"1337 1338"}
 TASKS=${TASKS:-hellaswag,lambada_openai,wikitext}

@@ -1,4 +1,4 @@
-"""Tiny datasets in the prepare_data.py format (DESIGN.md "Formats"), written by the tests themselves so
+"""Tiny datasets in the prepare_data.py format (docs/design.md "Formats"), written by the tests themselves so
 they do not depend on prepare_data.py."""
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
-"""Shared test fixtures. Real data comes from ../shared/data (override with $SHARED_DATA_DIR); tests that
-need it skip with a clear reason when it is absent."""
+"""Shared test fixtures and where the tests' real data comes from.
+
+Every test runs on a fresh clone: the repository ships Tiny Shakespeare and the GPT-2 BPE files (data/) and small
+samples of the evaluation and corpus files (tests/data/, see its README). A full-data mirror folder, $SHARED_DATA_DIR
+(default: shared/data beside the repository), holds the complete files in the same layout; where it has a file,
+the tests use it instead of the sample, and the few checks that need a complete set skip without it."""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))  # the full-data mirror
+SAMPLE_DATA = REPO / "tests" / "data"  # the first records of the full files (tests/data/README.md)
+SHIPPED_DATA = REPO / "data"  # complete files the repository ships: tinyshakespeare.txt, gpt2_bpe/
+EVAL_FILES = ("hellaswag_val.jsonl", "lambada_openai_test.jsonl", "wikitext2_raw/wiki.test.raw")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,18 +37,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def shared_file(rel: str) -> Path:
-    """Path of a file under the shared real-data folder, or skip the test saying what is missing."""
+    """A real-data file: from the full-data mirror folder if it has it, else the sample in tests/data or the
+    complete copy in data/ (skip the test if none has it)."""
+    for base in (SHARED_DATA, SAMPLE_DATA, SHIPPED_DATA):
+        if (base / rel).exists():
+            return base / rel
+    pytest.skip(f"real data {rel} not found in {SHARED_DATA} (the full-data mirror folder), tests/data or data/")
+
+
+def full_file(rel: str) -> Path:
+    """A file of the full-data mirror folder, for checks that need the complete set; skip if it is absent."""
     p = SHARED_DATA / rel
     if not p.exists():
-        pytest.skip(f"real data {p} not found (set SHARED_DATA_DIR to the folder with ../shared/data's files)")
+        pytest.skip(f"needs the complete {rel}: not in the full-data mirror folder {SHARED_DATA} (set SHARED_DATA_DIR)")
     return p
+
+
+def is_sample(p: Path) -> bool:
+    """Whether shared_file gave the tests/data sample rather than a complete file."""
+    return SAMPLE_DATA in p.parents
 
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} not found (set SHARED_DATA_DIR)")
-    return SHARED_DATA
+    """A folder with the three evaluation files (eval_lm.py --data-dir layout): the full-data mirror folder if it
+    has all of them, else tests/data."""
+    return SHARED_DATA if all((SHARED_DATA / rel).is_file() for rel in EVAL_FILES) else SAMPLE_DATA
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """data.py reader side: load_meta / open_split accept a good dataset and name the problem in a bad one.
-Datasets are written by hand here (numpy + json, per DESIGN.md "Formats"), and once by prepare_data.py."""
+Datasets are written by hand here (numpy + json, per docs/design.md "Formats"), and once by prepare_data.py."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from conftest import (
     REPO,
+    SAMPLE_DATA,
     save_tiny_gpt,  # noqa: E402
     shared_file,
 )
@@ -55,7 +57,6 @@ def assert_close(ours: dict, ref: dict, metrics: list[str]) -> None:
 
 @pytest.mark.slow  # ~30 s on 2 shared cores; still run in CI
 def test_lambada_and_wikitext_equal_lm_eval_hf(tiny: dict, shared_data: Path) -> None:
-    shared_file("lambada_openai_test.jsonl"), shared_file("wikitext2_raw/wiki.test.raw")
     model = load_model(tiny["ckpt"])
     ours = run_tasks(model, ["lambada_openai"], shared_data, limit=60, bootstrap_iters=0)["results"]
     ref = lm_eval_hf(tiny["hf"], shared_data, ["lambada_openai"], limit=60)
@@ -94,7 +95,6 @@ def test_lambada_acc_nontrivial_equals_lm_eval_hf(tiny: dict, tmp_path: Path) ->
 
 
 def test_hellaswag_through_lm_eval_equals_eval_hellaswag(tiny: dict, shared_data: Path) -> None:
-    shared_file("hellaswag_val.jsonl")
     model = load_model(tiny["ckpt"])
     ours = run_tasks(model, ["hellaswag"], shared_data, limit=40, bootstrap_iters=1)["results"]["hellaswag_local"]
     direct = evaluate_hellaswag(model, shared_data / "hellaswag_val.jsonl", limit=40)
@@ -103,11 +103,13 @@ def test_hellaswag_through_lm_eval_equals_eval_hellaswag(tiny: dict, shared_data
 
 
 def test_wikitext_documents_split_like_the_hub_dataset(shared_data: Path) -> None:
-    pages = wikitext_documents(shared_file("wikitext2_raw/wiki.test.raw").read_text(encoding="utf-8"))
-    assert len(pages) == 62  # rows in EleutherAI/wikitext_document_level wikitext-2-raw-v1 test
+    raw = (shared_data / "wikitext2_raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    pages = wikitext_documents(raw)
+    # 62 = rows in EleutherAI/wikitext_document_level wikitext-2-raw-v1 test; the sample holds the first 4 articles
+    assert len(pages) == (4 if shared_data == SAMPLE_DATA else 62)
+    assert len(pages) == len(re.findall(r"^ = [^=].* = $", raw, flags=re.M))  # one per top-level title line
     assert pages[0].startswith(" = Robert Boulter = \n")
     assert all(p.lstrip(" \n").startswith("= ") for p in pages)
-    raw = shared_file("wikitext2_raw/wiki.test.raw").read_text(encoding="utf-8")
     joined = "\n".join(pages)  # nothing lost but the blank line before the first title
     assert raw.endswith(joined) and raw[: len(raw) - len(joined)] == " \n"
 
@@ -120,7 +122,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_on_a_variant_hf_cannot_load(tmp_path: Path, shared_data: Path) -> None:
     """A padded-vocab, manual-attention model (not exportable to HF) runs, and the CLI's JSON equals run_tasks."""
-    shared_file("lambada_openai_test.jsonl")
     torch.manual_seed(7)
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=256, pad_vocab_multiple=64, attention="manual"))
     ckpt = tmp_path / "variant.pt"
