@@ -1,4 +1,4 @@
-"""Checkpoint files (DESIGN.md "Checkpoint"): atomic writes, safe loads, and building a model from one.
+"""Checkpoint files (docs/design.md "Checkpoint"): atomic writes, safe loads, and building a model from one.
 
 A checkpoint is a torch.save'd dict holding only tensors and plain Python values, so it loads with
 weights_only=True (an untrusted file cannot run code). Written to a temp file in the same folder, fsync'd,
