@@ -223,7 +223,7 @@ def test_train_loop_reads_the_device_only_at_log_steps(tmp_path, monkeypatch: py
                        "--model_overrides.n_head=2", "--model_overrides.n_embd=16", "--model_overrides.vocab_size=64",
                        "--model_overrides.block_size=16", "--micro_batch=2", "--seq_len=16",
                        "--total_batch_tokens=64", "--max_steps=10", "--warmup_steps=2", "--eval_interval=0",
-                       "--ckpt_interval=0", "--log_interval=4", "--dtype=fp32"])
+                       "--ckpt_interval=0", "--log_interval=4", "--dtype=fp32", "--device=cpu"])
     current = {"step": None}
     reads: dict[object, int] = {}
     lr_at = train.lr_at
@@ -325,3 +325,48 @@ def test_matmul_ceiling_is_below_the_datasheet_peak() -> None:
     peak = common.peak_flops(device)
     if peak:
         assert measured <= peak / 1e12
+
+
+# Names as torch.cuda.get_device_name() reports them, with the dense bf16 datasheet peak of each.
+GPU_NAMES = {
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA A10G": 125e12,
+    "Tesla V100-SXM2-16GB": 125e12, "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA B200": 0.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_NAMES))
+def test_datasheet_peak_matches_the_most_specific_name(name: str) -> None:
+    """"L40S" must not match "L4", nor "H100 NVL" the SXM "H100"; an unknown GPU has no peak (no MFU)."""
+    assert common.datasheet_peak_flops(name) == GPU_NAMES[name]
+
+
+def test_resume_moves_adamw_step_back_to_the_parameter_device() -> None:
+    """ZeroRedundancyOptimizer.load_state_dict puts 0-dim state (AdamW's step) on the CPU; the fused CUDA kernel
+    needs it on the parameter's device. Parameters on the meta device stand in for CUDA ones here."""
+    from train import load_optimizer_state
+
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    moments = {"exp_avg": torch.zeros(3, device="meta"), "exp_avg_sq": torch.zeros(3, device="meta")}
+    state = {"state": {0: {"step": torch.tensor(5.0), **moments}}, "param_groups": opt.state_dict()["param_groups"]}
+    load_optimizer_state(opt, state)
+    assert opt.state[p]["step"].device.type == "meta"
+
+
+def test_zero1_uses_flat_bucket_views(tmp_path) -> None:
+    """train.build_optimizer under a (one-rank gloo) process group: ZeRO-1, fused AdamW, parameter buckets."""
+    import torch.distributed as dist
+
+    from train import build_optimizer
+    from train_config import TrainConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        opt = build_optimizer(TrainConfig(max_steps=1, zero1=True), common.Dist(device=torch.device("cpu")),
+                              GPT(tiny()))
+        assert type(opt).__name__ == "ZeroRedundancyOptimizer" and opt.parameters_as_bucket_view
+        assert opt.optim.defaults.get("fused") == common.fused_adamw_available("cpu")
+    finally:
+        dist.destroy_process_group()

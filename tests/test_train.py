@@ -33,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 def args(data: Path, out: Path, **kw: object) -> list[str]:
     base = dict(data_dir=data, out_dir=out, model_overrides=TINY, micro_batch=2, seq_len=16, total_batch_tokens=128,
                 max_steps=6, warmup_steps=2, lr=3e-3, eval_interval=3, eval_iters=2, log_interval=1, ckpt_interval=0,
-                dtype="fp32", seed=7)
+                dtype="fp32", seed=7, device="cpu")  # CPU tests pin the CPU, also on a GPU machine
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
