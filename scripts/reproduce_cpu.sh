@@ -66,7 +66,7 @@ LONG_TASKS=${LONG_TASKS:-wikitext}
 PARALLEL=${PARALLEL:-0}
 mkdir -p "$OUT"
 
-# 1. data: WikiExtractor articles -> uint16 shards (title line kept: README "Data preparation")
+# 1. data: WikiExtractor articles -> uint16 shards (title line kept: docs/data.md)
 if [ ! -f "$DATA/meta.json" ]; then
   $PYTHON prepare_data.py "${PREP_ARGS[@]}" --out-dir "$DATA" --wiki-title keep --num-proc 2
 fi

@@ -1,4 +1,4 @@
-"""The bad-input table of README "Reliability", one row per test, each driving a real CLI in a subprocess:
+"""The bad-input table of docs/reliability.md, one row per test, each driving a real CLI in a subprocess:
 one line on stderr naming the problem (and the fix), exit code 2, no traceback, and no file clobbered (every
 file under the test's folder, including a previous run's ckpt.pt and metrics.jsonl, is unchanged afterwards).
 Rows already driven through the CLI elsewhere are not repeated here; README points at those tests."""

@@ -242,7 +242,7 @@ def shakespeare(tmp_path_factory) -> Path:
 def test_shakespeare_quickstart_learns(shakespeare, tmp_path):
     """config/shakespeare_cpu.py shortened to its first 50 steps (100k tokens):
     val loss drops from ln(50257) = 10.8 to below 6.4, under the unigram level (~6.5 nats: train-set token
-    frequencies scored on val). The full 200-step run ends far lower (README "Training"). Then sample.py and
+    frequencies scored on val). The full 200-step run ends far lower (README "CPU quickstart"). Then sample.py and
     plot.py run on the result."""
     out = tmp_path / "shk"
     r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "config/shakespeare_cpu.py"),
