@@ -110,7 +110,8 @@ def test_init_checkpoint_is_train_py_step_0(smoke: Path) -> None:
 
 
 @pytest.mark.slow  # needs the smoke pipeline's outputs; the rerun itself takes a few seconds
-def test_same_seed_same_losses(smoke: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("one_torch_thread")  # as the smoke run (OMP_NUM_THREADS=1): fused CPU AdamW's rounding
+def test_same_seed_same_losses(smoke: Path, tmp_path: Path) -> None:  # depends on the thread count
     """docs/reproduction_cpu.md promises that re-running a command reproduces its numbers: train the smoke
     baseline again from its saved train_config and compare every logged loss bit for bit."""
     import dataclasses
