@@ -305,7 +305,7 @@ class RunLog:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the training loop; returns {"losses": [per-step loss], "step", "val_loss", "stopped", ...}."""
-    load_meta(cfg.data_dir)  # a missing / incomplete dataset fails here, before any process group work
+    meta = load_meta(cfg.data_dir)  # a missing / incomplete dataset fails here, before any process group work
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
@@ -315,13 +315,13 @@ def train(cfg: TrainConfig) -> dict:
                           "start over with --overwrite=true, or choose another out_dir")
     d = setup_distributed(cfg.device, cfg.backend, cfg.dist_timeout_s)
     try:
-        return _train(cfg, d)
+        return _train(cfg, d, meta)
     finally:
         if dist.is_initialized() and "RANK" in os.environ:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist) -> dict:
+def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
     tokens_per_micro = cfg.micro_batch * cfg.seq_len * d.world_size
     if cfg.total_batch_tokens % tokens_per_micro:
         raise ConfigError(f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch * seq_len "
@@ -351,7 +351,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                               "or point out_dir at the run to continue")
         ckpt = load_checkpoint(ckpt_path)
     raw_model = build_model(cfg, ckpt, ckpt_path).to(d.device)
-    data_vocab = int(load_meta(cfg.data_dir).get("vocab_size", 50257))
+    data_vocab = int(meta.get("vocab_size", 50257))
     if raw_model.config.vocab_size < data_vocab:
         raise ConfigError(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the dataset's "
                           f"({data_vocab}, {cfg.data_dir}/meta.json); set model_overrides vocab_size >= {data_vocab}")

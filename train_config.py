@@ -82,9 +82,9 @@ class TrainConfig:
         self.lr, self.min_lr = float(self.lr), float(self.min_lr)
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: choose bf16, fp16 or fp32")
-        if self.max_steps < 0 and self.max_tokens == 0:
-            raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
-        if self.max_steps > 0 and self.max_tokens > 0 or self.max_tokens < 0:
+        by_steps = self.max_steps >= 0 and self.max_tokens == 0  # max_steps=0: the step-0 checkpoint only
+        by_tokens = self.max_steps <= 0 and self.max_tokens > 0
+        if not (by_steps or by_tokens):
             raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
         for k in ("micro_batch", "seq_len", "total_batch_tokens", "eval_iters", "log_interval"):
             if getattr(self, k) <= 0:
@@ -108,11 +108,11 @@ class TrainConfig:
     def model_config(self) -> GPTConfig:
         """The GPTConfig this config asks for: the preset plus model_overrides, each checked against
         GPTConfig's fields and their types."""
-        known = {f.name: f for f in fields(GPTConfig)}
         for key, value in self.model_overrides.items():
-            if key not in known:
-                raise ConfigError(f"model_overrides: unknown GPTConfig field {key!r}{close_matches(key, list(known))}")
-            check_value(key, value, known[key].type, "model_overrides")
+            if key not in MODEL_FIELD_TYPES:
+                raise ConfigError(f"model_overrides: unknown GPTConfig field {key!r}"
+                                  f"{close_matches(key, list(MODEL_FIELD_TYPES))}")
+            check_value(key, value, MODEL_FIELD_TYPES[key], "model_overrides")
         mc = GPTConfig.from_preset(self.model, **self.model_overrides)
         if self.seq_len > mc.block_size:
             raise ConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={mc.block_size}; "
