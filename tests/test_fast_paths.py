@@ -6,7 +6,9 @@ scripts/gpu_check.py runs them on one (pytest -m cuda)."""
 
 from __future__ import annotations
 
+import collections
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -158,23 +160,28 @@ def _train_step(device: str, dtype: str = "fp32"):
     return (lambda: train_step(model, opt, scaler, lambda: (x, y), 1, autocast, 1.0)), model, opt
 
 
-def refuse_host_reads(monkeypatch: pytest.MonkeyPatch, allowed: set[int] = frozenset()) -> list[str]:
-    """Make every host read of a tensor (.item / .tolist / bool / float / int) fail, except of `allowed` ids."""
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
-                                                                 "__int__")}
-    reads: list[str] = []
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
-    def refusing(name: str):
+
+def on_host_reads(monkeypatch: pytest.MonkeyPatch, before_read: Callable[[str], None],
+                  names: tuple[str, ...] = HOST_READS) -> None:
+    """Call before_read(name) ahead of every host read of a tensor (.item / .tolist / bool / float / int)."""
+    def wrapped(name: str) -> Callable[..., object]:
+        original = getattr(torch.Tensor, name)
+
         def read(t: torch.Tensor, *a: object, **k: object) -> object:
-            if id(t) not in allowed:
-                reads.append(name)
-                raise AssertionError(f"Tensor.{name}() inside the step")
-            return originals[name](t, *a, **k)
+            before_read(name)
+            return original(t, *a, **k)
         return read
 
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, refusing(name))
-    return reads
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, wrapped(name))
+
+
+def refuse_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"Tensor.{name}() inside the step")
+    on_host_reads(monkeypatch, refuse)
 
 
 def test_train_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,19 +232,13 @@ def test_train_loop_reads_the_device_only_at_log_steps(tmp_path, monkeypatch: py
                        "--total_batch_tokens=64", "--max_steps=10", "--warmup_steps=2", "--eval_interval=0",
                        "--ckpt_interval=0", "--log_interval=4", "--dtype=fp32", "--device=cpu"])
     current = {"step": None}
-    reads: dict[object, int] = {}
+    reads: collections.Counter = collections.Counter()  # host reads by the step that was running
     lr_at = train.lr_at
     monkeypatch.setattr(train, "lr_at", lambda step, *a: current.update(step=step) or lr_at(step, *a))
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__")}
-
-    def counting(name: str):
-        def read(t: torch.Tensor, *a: object, **k: object) -> object:
-            reads[current["step"]] = reads.get(current["step"], 0) + 1
-            return originals[name](t, *a, **k)
-        return read
-
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    # int() is left out: the loader checks token ids with int(batch.max()) on the host batch, before its copy
+    # to the device
+    on_host_reads(monkeypatch, lambda name: reads.update([current["step"]]),
+                  names=("item", "tolist", "__bool__", "__float__"))
     result = train.train(cfg)
     monkeypatch.undo()
     assert result["step"] == 10 and len(result["losses"]) == 10
