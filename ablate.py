@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent
 PRESETS = {"cpu": ("config/ablations", "out/ablations_cpu", [1338])}  # folder, out dir, extra baseline seeds
 # Fields that must agree across runs for the comparison to mean anything (seed may differ only via @SEED).
 SAME_FOR_ALL = ("data_dir", "max_steps", "max_tokens", "total_batch_tokens", "seq_len", "eval_interval",
-                "eval_iters", "micro_batch")
+                "eval_tokens")
 
 
 @dataclass
@@ -238,7 +238,7 @@ def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}.  ",
         f"Every run: data `{cfg0.data_dir}`, {runs[0].max_steps} steps x {cfg0.total_batch_tokens:,} tokens, "
-        f"val loss over {cfg0.eval_iters} x {cfg0.micro_batch} x {cfg0.seq_len} val tokens (the same rows for "
+        f"val loss over the first {cfg0.eval_tokens:,} val tokens (the same rows for "
         "every run).",
         "",
         "Columns: final train loss = the last logged step's batch loss (one batch: noisy); final val loss = at "

@@ -1,4 +1,5 @@
-"""Checkpoint files (docs/design.md "Checkpoint"): atomic writes, safe loads, and building a model from one.
+"""Checkpoint files (docs/design.md "Checkpoint"): atomic writes, safe loads, a run's rotation of them, and
+building a model from one.
 
 A checkpoint is a torch.save'd dict holding only tensors and plain Python values, so it loads with
 weights_only=True (an untrusted file cannot run code). Written to a temp file in the same folder, fsync'd,
@@ -11,6 +12,8 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,6 +82,82 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"{path} was written by a newer version (format {ckpt['format']} > {FORMAT_VERSION}); "
                         "update this code")
     return ckpt
+
+
+class RunCheckpoints:
+    """A run's checkpoints in out_dir. ckpt.pt is always the newest (the name evaluation commands take);
+    each save also hard-links it as ckpt_<step>.pt, of which the newest `keep` stay, so a corrupt file or a
+    late blow-up costs one checkpoint interval, not the run. Hard links cost no disk or write time for the
+    newest; each older one kept holds its own copy (1.5 GB at 124M). With keep_best, ckpt_best.pt is a link
+    to the checkpoint of the lowest val loss (needs keep >= 1). keep=0: only ckpt.pt."""
+
+    def __init__(self, out_dir: Path, keep: int, keep_best: bool = False):
+        self.dir, self.keep, self.keep_best = Path(out_dir), keep, keep_best
+        self.latest = self.dir / "ckpt.pt"
+        self.best = self.dir / "ckpt_best.pt"
+
+    def step_path(self, step: int) -> Path:
+        return self.dir / f"ckpt_{step:08d}.pt"
+
+    def step_files(self) -> list[Path]:
+        """ckpt_<step>.pt files, newest first."""
+        return sorted((p for p in self.dir.glob("ckpt_[0-9]*.pt") if p.stem[5:].isdigit()), reverse=True)
+
+    def newest_first(self) -> list[Path]:
+        """Every checkpoint a resume may start from, newest first (ckpt.pt, then older step files)."""
+        files = [self.latest] if self.latest.is_file() else []
+        return files + [p for p in self.step_files() if not (files and _same_file(p, self.latest))]
+
+    def save(self, state: dict, step: int) -> None:
+        for stale in self.dir.glob("ckpt*.pt.link.tmp"):  # left by a process killed while linking
+            stale.unlink(missing_ok=True)
+        for newer in self.step_files():  # from a run started over, or past a corrupt one we fell back from
+            if int(newer.stem[5:]) > step:
+                newer.unlink()
+        save_checkpoint(state, self.latest)
+        if self.keep:
+            _link(self.latest, self.step_path(step))
+            for old in self.step_files()[self.keep:]:
+                old.unlink(missing_ok=True)  # a ckpt_best.pt link keeps its own copy of the data alive
+
+    def mark_best(self, step: int) -> None:
+        """ckpt_best.pt <- the checkpoint of `step` (call it when that step's val loss is the lowest yet)."""
+        if self.keep_best and self.step_path(step).is_file():
+            _link(self.step_path(step), self.best)
+
+    def load_newest(self, log: Callable[[str], None]) -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads; one warning line for each that does not. None: no checkpoint."""
+        candidates = self.newest_first()
+        errors = []
+        for path in candidates:
+            try:
+                return load_checkpoint(path), path
+            except UserError as e:
+                errors.append(str(e))
+                log(f"warning: {e}" + ("; trying the previous checkpoint" if path != candidates[-1] else ""))
+        if errors:
+            raise UserError(f"no checkpoint in {self.dir} loads ({len(errors)} tried; the newest: {errors[0]})")
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _link(src: Path, dst: Path) -> None:
+    """dst becomes another name of src's data, atomically (a hard link: no copy, no extra disk)."""
+    tmp = dst.with_name(dst.name + ".link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError as e:  # a filesystem without hard links: only ckpt.pt is kept
+        warnings.warn(f"cannot hard-link {src} as {dst.name} ({e.strerror}): older checkpoints are not kept",
+                      stacklevel=2)
+        return
+    os.replace(tmp, dst)
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:

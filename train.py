@@ -3,12 +3,13 @@
     python train.py config/shakespeare_cpu.py                          # single process
     python train.py config/shakespeare_cpu.py --max_steps=50 --lr=1e-3   # overrides, --key=value
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_owt.py
-    python train.py config/gpt2_owt.py --init_from=resume                # continue out_dir/ckpt.pt exactly
-    torchrun --max_restarts=3 ... train.py config/gpt2_owt.py --init_from=auto   # resume if ckpt.pt exists
+    python train.py config/gpt2_owt.py --init_from=resume                # continue the newest checkpoint exactly
+    torchrun --max_restarts=3 ... train.py config/gpt2_owt.py --init_from=auto   # resume if there is one
     python train.py config/gpt2_owt.py --max_steps=0 --max_tokens=0      # write the step-0 weights only
 
-Configs are TrainConfig (config.py). Outputs go to out_dir: ckpt.pt (docs/design.md "Checkpoint"),
-metrics.jsonl (one JSON object per logged step) and, when wandb_log=True, a wandb run.
+Configs are TrainConfig (train_config.py). Outputs go to out_dir: ckpt.pt, the newest checkpoint, with the
+last keep_checkpoints as ckpt_<step>.pt (docs/design.md "Checkpoint"; a corrupt newest one falls back to the
+one before), metrics.jsonl (one JSON object per record) and, when wandb_log=True, a wandb run.
 
 The loop reads nothing back from the device between log steps (every log_interval steps): the loss, the
 finite check and the stop request stay on the device until then. A non-finite step never touches the
@@ -21,12 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import hashlib
 import math
 import os
-import secrets
-import signal
-import statistics
 import sys
 import time
 import warnings
@@ -39,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import RunCheckpoints
 from common import (
     Dist,
     adamw_kwargs,
@@ -56,6 +54,7 @@ from data import TokenLoader, load_meta
 from errors import run_main
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig
+from monitor import RunLog, StepTimer, StopFlag, step_line, step_record
 from train_config import ConfigError, TrainConfig, describe_fields, load_config
 
 
@@ -124,79 +123,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return StepResult(loss_sum, grad_norm, finite, aux_sum)
 
 
-class StepTimer:
-    """Wall time of each step without synchronising every step: CUDA events read at log steps on CUDA, the
-    host clock on CPU (where every op has finished when it returns)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def start(self) -> None:
-        self.marks.append([self._now(), None])
-
-    def stop(self) -> None:
-        self.marks[-1][1] = self._now()
-
-    def _now(self) -> object:
-        if not self.cuda:
-            return time.perf_counter()
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def read(self) -> list[float]:
-        """Seconds of each step since the last read (synchronises on CUDA)."""
-        if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
-        out = [(b.elapsed_time(e) / 1e3 if self.cuda else e - b) for b, e in self.marks]
-        self.marks = []
-        return out
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and exit 0 at its next log step; a second SIGINT is a
-    hard stop (Python's default handler). Handlers are restored on close()."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.name = ""
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded): no graceful stop
-                pass
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True  # no printing here: a handler that prints can interrupt a print (reentrancy)
-        self.name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def close(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 class TrainingDiverged(Exception):
     pass
 
 
 @torch.no_grad()
 def estimate_val_loss(model: torch.nn.Module, cfg: TrainConfig, d: Dist, autocast: AbstractContextManager) -> float:
-    """Mean loss over the first eval_iters x micro_batch rows of the val split (file order, the same rows at
-    every evaluation). Batch i goes to rank i % world_size, so the number does not depend on the world size."""
+    """Mean token loss over the val split's first eval_tokens // seq_len rows (file order): the same tokens at
+    every evaluation, for any micro_batch and world size. Batch i goes to rank i % world_size."""
     loader = TokenLoader(cfg.data_dir, "val", cfg.micro_batch, cfg.seq_len, seed=cfg.seed, shuffle=False)
+    rows = min(cfg.eval_tokens // cfg.seq_len, loader.n_rows)
     model.eval()
-    total = torch.zeros(2, device=d.device)  # (sum of batch losses, number of batches) on this rank
-    for i in range(cfg.eval_iters):
+    total = torch.zeros(2, device=d.device)  # (sum of token losses, tokens) on this rank
+    for i, start in enumerate(range(0, rows, cfg.micro_batch)):
         x, y = loader.next_batch()
         if i % d.world_size != d.rank:
             continue
+        n = min(cfg.micro_batch, rows - start)  # the last batch may be partial
         with autocast:
-            _, loss = model(to_device(x, d.device), to_device(y, d.device))
-        total += torch.stack([loss.float(), torch.ones((), device=d.device)])
+            _, loss = model(to_device(x[:n], d.device), to_device(y[:n], d.device))
+        total += torch.stack([loss.float() * y[:n].numel(), torch.tensor(float(y[:n].numel()), device=d.device)])
     model.train()
     if d.enabled:
         dist.all_reduce(total)
@@ -251,54 +197,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             s["step"] = s["step"].to(p.device)
 
 
-class RunLog:
-    """metrics.jsonl (one JSON object per record, on rank 0) and, if asked, the wandb run."""
-
-    def __init__(self, cfg: TrainConfig, d: Dist, out_dir: Path, step: int, max_steps: int, wandb_id: str | None):
-        self.path = out_dir / "metrics.jsonl"
-        self.master = d.master
-        self.wandb_run = None
-        self.wandb_id = wandb_id
-        if not d.master:
-            return
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create out_dir {out_dir}: {e.strerror}; choose another out_dir") from e
-        if step < max_steps:  # (resuming a finished run has nothing to redo: its final val record stays)
-            self._truncate(step)  # drop records a killed run wrote after its last checkpoint
-        if cfg.wandb_log:
-            import wandb
-
-            self.wandb_id = wandb_id or secrets.token_hex(4)  # kept in the checkpoint: a resume continues it
-            self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
-                                        id=self.wandb_id, resume="allow", config=asdict(cfg), dir=str(out_dir))
-
-    def _truncate(self, step: int) -> None:
-        if not self.path.is_file():
-            return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
-
-    def record(self, rec: dict) -> None:
-        if not self.master:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:  # disk full, out_dir removed or read-only
-            raise ConfigError(f"cannot write {self.path}: {e.strerror}; free disk space or choose another "
-                              f"out_dir, then continue with --init_from=resume") from e
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
-
-    def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -309,47 +207,59 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
-    if cfg.init_from not in ("resume", "auto") and (out / "ckpt.pt").is_file() and not cfg.overwrite:
+    ckpts = RunCheckpoints(out, cfg.keep_checkpoints, cfg.keep_best)
+    if cfg.init_from not in ("resume", "auto") and ckpts.newest_first() and not cfg.overwrite:
         # re-running a finished command must not silently replace hours of training at the first save
-        raise ConfigError(f"{out / 'ckpt.pt'} already exists: continue it with --init_from=resume (or auto), "
+        raise ConfigError(f"{ckpts.latest} already exists: continue it with --init_from=resume (or auto), "
                           "start over with --overwrite=true, or choose another out_dir")
     d = setup_distributed(cfg.device, cfg.backend, cfg.dist_timeout_s)
     try:
-        return _train(cfg, d, meta)
+        return _train(cfg, d, meta, ckpts)
     finally:
         if dist.is_initialized() and "RANK" in os.environ:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
+def check_ranks_agree(cfg: TrainConfig, d: Dist, ckpts: RunCheckpoints) -> None:
+    """Every rank must read the same data and see the same checkpoints: with separately prepared copies on
+    two nodes, rows would silently overlap or be skipped."""
+    if not d.enabled:
+        return
+    mine = (hashlib.sha256((Path(cfg.data_dir) / "meta.json").read_bytes()).hexdigest(),
+            [p.name for p in ckpts.newest_first()])
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
+    for rank, (meta_hash, names) in enumerate(everyone):
+        if meta_hash != everyone[0][0]:
+            raise ConfigError(f"rank {rank} reads other data than rank 0 ({cfg.data_dir}/meta.json differs); "
+                              "prepare the dataset once and give every node the same copy")
+        if names != everyone[0][1]:
+            raise ConfigError(f"rank {rank} sees other checkpoints in {cfg.out_dir} than rank 0 ({names} vs "
+                              f"{everyone[0][1]}); with several nodes out_dir must be on a filesystem they all share")
+
+
+def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict:
     tokens_per_micro = cfg.micro_batch * cfg.seq_len * d.world_size
     if cfg.total_batch_tokens % tokens_per_micro:
         raise ConfigError(f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch * seq_len "
                           f"* world_size = {cfg.micro_batch}*{cfg.seq_len}*{d.world_size} = {tokens_per_micro}")
     grad_accum = cfg.total_batch_tokens // tokens_per_micro
     max_steps = cfg.total_steps
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
     log = functools.partial(print, flush=True) if d.master else (lambda *a, **k: None)
 
     torch.manual_seed(cfg.seed + d.rank)
     configure_backends(tf32=d.device.type == "cuda")  # TF32 matmuls for the fp32 parts on CUDA
 
     # --- model, optimizer, checkpoint ---------------------------------------------------------------------
-    if d.enabled and cfg.init_from in ("auto", "resume"):  # every rank must see the same checkpoint
-        seen = torch.tensor([float(ckpt_path.is_file())], device=d.device)
-        dist.all_reduce(seen)
-        if 0 < seen.item() < d.world_size:
-            raise ConfigError(f"{ckpt_path} exists on {int(seen.item())} of {d.world_size} ranks; with several "
-                              "nodes out_dir must be on a filesystem they all share")
-    if cfg.init_from == "auto":
-        cfg = dataclasses.replace(cfg, init_from="resume" if ckpt_path.is_file() else "scratch")
-    ckpt = None
-    if cfg.init_from == "resume":
-        if not ckpt_path.is_file():
+    check_ranks_agree(cfg, d, ckpts)
+    ckpt, ckpt_path = None, ckpts.latest
+    if cfg.init_from in ("resume", "auto"):
+        found = ckpts.load_newest(log)  # the newest that loads; a corrupt one falls back to the one before
+        if found is None and cfg.init_from == "resume":
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist; train from scratch first "
                               "or point out_dir at the run to continue")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt, ckpt_path = found or (None, ckpt_path)
+        cfg = dataclasses.replace(cfg, init_from="resume" if ckpt else "scratch")
     raw_model = build_model(cfg, ckpt, ckpt_path).to(d.device)
     data_vocab = int(meta.get("vocab_size", 50257))
     if raw_model.config.vocab_size < data_vocab:
@@ -367,7 +277,7 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
     autocast = autocast_context(d.device.type, cfg.dtype)
 
     loader = TokenLoader(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed)
-    step, tokens_seen, best_val, wandb_id = 0, 0, float("inf"), None
+    step, tokens_seen, best_val, best_step, wandb_id = 0, 0, float("inf"), -1, None
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt["optimizer"])  # the full (consolidated) state, on every rank
         if ckpt.get("scaler"):
@@ -384,9 +294,10 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
             torch.manual_seed(cfg.seed + d.rank + 1_000_003 * step)
         log(f"resumed from {ckpt_path} at step {step} ({tokens_seen:,} tokens)")
         del ckpt
-    runlog = RunLog(cfg, d, out_dir, step, max_steps, wandb_id)
+    runlog = RunLog(cfg, d, ckpts.dir, step, max_steps, wandb_id)
 
     def save(step: int) -> None:
+        t0 = time.perf_counter()
         if hasattr(optimizer, "consolidate_state_dict"):
             optimizer.consolidate_state_dict(to=0)  # collective: every rank takes part
         rngs = [rng_state(d.device)]
@@ -394,7 +305,7 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
             rngs = [None] * d.world_size
             dist.all_gather_object(rngs, rng_state(d.device))
         if d.master:
-            save_checkpoint({
+            ckpts.save({
                 "model": raw_model.state_dict(),
                 "model_config": raw_model.config.to_dict(),
                 "train_config": asdict(cfg),
@@ -406,28 +317,35 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
                 "rng": rngs,
                 "wandb_run_id": runlog.wandb_id,
                 "best_val_loss": best_val,
-            }, ckpt_path)
-            log(f"saved checkpoint {ckpt_path} at step {step}")
+            }, step)
+            if best_step == step:
+                ckpts.mark_best(step)
         if d.enabled:
             dist.barrier()
+        # the time a preemption's grace period must cover (docs/reliability.md "Preemption")
+        log(f"saved checkpoint {ckpts.latest} at step {step} in {time.perf_counter() - t0:.1f} s")
 
     def evaluate(step: int) -> float:
-        nonlocal best_val
+        nonlocal best_val, best_step
         val = estimate_val_loss(eval_model, cfg, d, autocast)
-        best_val = min(best_val, val)
-        rec = {"step": step, "tokens": tokens_seen, "val_loss": val}
-        if cfg.hellaswag_interval and step % cfg.hellaswag_interval == 0:
-            from eval_hellaswag import evaluate_hellaswag  # lazy: only runs that ask for it need it
-
-            hs = evaluate_hellaswag(raw_model, data_path=cfg.hellaswag_path or None,
-                                    limit=cfg.hellaswag_limit or None, device=d.device,
-                                    rank=d.rank, world_size=d.world_size)
-            rec["hellaswag_acc_norm"] = hs["acc_norm"]
-            rec["hellaswag_acc"] = hs.get("acc")
-        log(f"step {step}: val loss {val:.4f}"
-            + (f" | hellaswag acc_norm {rec['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in rec else ""))
-        runlog.record(rec)
+        if val < best_val:
+            best_val, best_step = val, step
+            if d.master:
+                ckpts.mark_best(step)  # this step's checkpoint, if it was saved before the evaluation
+        log(f"step {step}: val loss {val:.4f}")
+        runlog.record({"step": step, "tokens": tokens_seen, "val_loss": val})
         return val
+
+    def hellaswag(step: int) -> None:
+        from eval_hellaswag import evaluate_hellaswag  # lazy: only runs that ask for it need it
+
+        with autocast:  # the run's precision; log-softmax is fp32 inside
+            hs = evaluate_hellaswag(raw_model, data_path=cfg.hellaswag_path or None, limit=cfg.hellaswag_limit or None,
+                                    max_length=min(512, raw_model.config.block_size), device=d.device,
+                                    rank=d.rank, world_size=d.world_size)
+        log(f"step {step}: hellaswag acc_norm {hs['acc_norm']:.4f}")
+        runlog.record({"step": step, "tokens": tokens_seen, "hellaswag_acc_norm": hs["acc_norm"],
+                       "hellaswag_acc": hs["acc"]})
 
     log(f"model {raw_model.num_params():,} params | {d.world_size} process(es) on {d.device} | micro_batch "
         f"{cfg.micro_batch} x seq {cfg.seq_len} x grad_accum {grad_accum} x world {d.world_size} = "
@@ -457,6 +375,8 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
         while step < max_steps:
             if cfg.eval_interval and step % cfg.eval_interval == 0:
                 val_loss = evaluate(step)
+            if cfg.hellaswag_interval and step and step % cfg.hellaswag_interval == 0:
+                hellaswag(step)
             lr = lr_at(step, cfg, max_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -489,33 +409,23 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
                 if bad_steps >= bad_limit and diverged_at is None:
                     diverged_at = s
             last_step, last_lr, last = window[-1]
-            step_s = statistics.median(seconds)
-            tok_s = cfg.total_batch_tokens / step_s
-            mfu = flops_per_token * tok_s / d.world_size / peak if peak else None
-            mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
-            loss_v, norm_v, _ = values[-1]
-            rec = {"step": last_step, "tokens": tokens_seen, "loss": loss_v, "lr": last_lr, "grad_norm": norm_v,
-                   "tok_per_s": tok_s, "mfu": mfu, "step_ms": step_s * 1000, "peak_mem_gib": mem}
+            rec = step_record(last_step, tokens_seen, last_lr, values[-1], seconds, cfg.total_batch_tokens,
+                              flops_per_token, peak, d)
             if first_log:  # the first step of a process pays for warm-up (and compilation): reported apart
-                rec["first_step_s"] = seconds[0]
+                rec["first_step_s"], first_log = seconds[0], False
             if last.aux_loss is not None:
                 rec["moe_aux_loss"] = last.aux_loss.item()  # this rank's; `loss` includes coef * this
             runlog.record(rec)
-            log(f"step {last_step}/{max_steps} | loss {loss_v:.4f} | lr {last_lr:.2e} | norm {norm_v:.3f} | "
-                f"{tok_s:,.0f} tok/s | {step_s * 1000:.0f} ms" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-                + (f" | mem {mem:.1f} GiB" if mem is not None else "")
-                + (f" | first step {seconds[0]:.1f} s (warm-up{', compile' if cfg.compile else ''})"
-                   if first_log else ""))
-            first_log = False
+            log(step_line(rec, max_steps))
 
             if diverged_at is not None:
                 save(step)  # skipped updates left weights and optimizer at the last good step's values
                 raise TrainingDiverged(f"stopping: {bad_limit} consecutive steps with a non-finite loss or "
                                        f"gradient at step {diverged_at}; the weights from before step "
                                        f"{diverged_at + 1 - bad_limit} (the last good update) are saved in "
-                                       f"{ckpt_path}; lower lr, raise warmup_steps or use bf16/fp32 and continue "
-                                       "with --init_from=resume")
-            if stop_requested(stop, d):
+                                       f"{ckpts.latest}; lower lr, raise warmup_steps or use bf16/fp32 and "
+                                       "continue with --init_from=resume")
+            if stop.on_any_rank(d):
                 save(step)
                 log(f"stopped at step {step} by {stop.name or 'a signal on another rank'}; continue with "
                     "--init_from=resume")
@@ -523,6 +433,8 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
                 break
             if step == max_steps and cfg.eval_interval:
                 val_loss = evaluate(step)
+            if step == max_steps and cfg.hellaswag_interval:
+                hellaswag(step)  # the final model is always scored
             if step == max_steps or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0):
                 save(step)
     finally:
@@ -530,15 +442,6 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict) -> dict:
         runlog.close()
     return {"losses": losses, "step": step, "val_loss": val_loss, "stopped": stopped,
             "grad_accum": grad_accum, "max_steps": max_steps}
-
-
-def stop_requested(stop: StopFlag, d: Dist) -> bool:
-    """Whether any rank was asked to stop (one all-reduce, at log steps only)."""
-    if not d.enabled:
-        return stop.requested
-    flag = torch.tensor([float(stop.requested)], device=d.device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
 
 
 def main() -> None:

@@ -63,13 +63,15 @@ class TrainConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (fp32/bf16; fp16's scaler skips)
     # evaluation / logging / checkpoints (all intervals in optimizer steps; 0 = never)
-    eval_interval: int = 250  # val loss over eval_iters x micro_batch val rows, shared among ranks
-    eval_iters: int = 20
-    hellaswag_interval: int = 0  # eval_hellaswag.evaluate_hellaswag every N steps (0 = off)
+    eval_interval: int = 250  # val loss over the first eval_tokens of the val split, shared among ranks
+    eval_tokens: int = 327_680  # rounded down to whole seq_len rows; the same tokens for any micro_batch/world
+    hellaswag_interval: int = 0  # eval_hellaswag.evaluate_hellaswag every N steps and at the end (0 = off)
     hellaswag_path: str = ""  # local hellaswag jsonl ("" = eval_hellaswag's default)
     hellaswag_limit: int = 0  # examples per evaluation (0 = all)
     log_interval: int = 10  # also how often the host reads the device: loss, finite check, stop request
     ckpt_interval: int = 1000  # a checkpoint is also written at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 3  # ckpt_<step>.pt kept beside ckpt.pt (the newest is a link: no extra disk); 0 = none
+    keep_best: bool = False  # also keep ckpt_best.pt: the checkpoint with the lowest val loss
     seed: int = 1337
     # wandb (opt-in; WANDB_MODE=offline works without network; a resumed run continues the same wandb run)
     wandb_log: bool = False
@@ -86,12 +88,17 @@ class TrainConfig:
         by_tokens = self.max_steps <= 0 and self.max_tokens > 0
         if not (by_steps or by_tokens):
             raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
-        for k in ("micro_batch", "seq_len", "total_batch_tokens", "eval_iters", "log_interval"):
+        for k in ("micro_batch", "seq_len", "total_batch_tokens", "log_interval"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k}={getattr(self, k)} must be positive")
-        for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps"):
+        for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps",
+                  "keep_checkpoints"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k}={getattr(self, k)} must be >= 0")
+        if self.eval_interval and self.eval_tokens < self.seq_len:
+            raise ConfigError(f"eval_tokens={self.eval_tokens} is less than one row of seq_len={self.seq_len}")
+        if self.keep_best and not self.keep_checkpoints:
+            raise ConfigError("keep_best=True needs keep_checkpoints >= 1 (ckpt_best.pt links a step checkpoint)")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be positive")
         if self.min_lr > self.lr:

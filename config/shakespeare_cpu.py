@@ -20,6 +20,6 @@ weight_decay = 0.1
 dtype = "fp32"  # exact and bit-reproducible on CPU
 compile = False
 eval_interval = 50
-eval_iters = 10
+eval_tokens = 20_480  # 160 rows of 128 tokens, the same for every micro_batch
 log_interval = 10
 ckpt_interval = 100

@@ -36,7 +36,7 @@ grad_clip = 1.0
 dtype = "fp32"  # exact and bit-reproducible on CPU; bf16 autocast showed no clear gain here (see docs)
 compile = False
 eval_interval = 100  # 9 val-loss points per run
-eval_iters = 10  # 10 x 4 x 1024 = 40,960 val tokens, the same rows every time
+eval_tokens = 40_960  # 40 rows of 1024 tokens, the same rows every time
 log_interval = 10
 ckpt_interval = 100  # at most ~7 min lost on a crash; --init_from=auto resumes
 seed = 1337

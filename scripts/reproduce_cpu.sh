@@ -47,7 +47,7 @@ if [ "$SMOKE" = 1 ]; then
   # a tiny model and a few steps: the pipeline, not the result, is under test
   TRAIN_ARGS=(--model_overrides.n_layer=2 --model_overrides.n_head=2 --model_overrides.n_embd=32
               --micro_batch=2 --seq_len=64 --total_batch_tokens=128 --max_steps=4 --warmup_steps=1
-              --eval_interval=2 --eval_iters=2 --log_interval=1 --ckpt_interval=0)
+              --eval_interval=2 --eval_tokens=256 --log_interval=1 --ckpt_interval=0)
   EVAL_LIMIT=${EVAL_LIMIT:-3}
   EVAL_LENGTHS="64"      # the smoke model's block_size is 1024, but 64 keeps wikitext's windows cheap
   EVAL_BATCH=8

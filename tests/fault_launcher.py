@@ -10,16 +10,20 @@ Faults (every key optional):
                           rank r (default 0) exits with code 17 / sleeps for good at the start of step k's
                           update, after step k's evaluation; with "once", only if marker_path does not exist
                           yet (it is then created), so a restarted worker runs on
+  "data_dir": {"rank": r, "path": p}
+                          rank r reads the dataset at p (as a node with its own, different copy would)
   "ckpt_write": "enospc" | "slow:SECONDS"
                           every checkpoint write stops half-way and fails like a full disk, or prints
                           "checkpoint write in progress", sleeps, then finishes (so a test can kill it mid-write)
 
-The hooks are train.lr_at (called once at the start of every optimizer step), GPT.forward and
-checkpoint._write; train.py itself knows nothing of faults. Exit codes are those of `python train.py`.
+The hooks are train.lr_at (called once at the start of every optimizer step), GPT.forward,
+checkpoint._write and train.load_config; train.py itself knows nothing of faults. Exit codes are those of
+`python train.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -39,7 +43,7 @@ import model  # noqa: E402
 import train  # noqa: E402
 from errors import run_main  # noqa: E402
 
-KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write"}
+KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write", "data_dir"}
 
 
 def install(faults: dict) -> None:
@@ -86,6 +90,13 @@ def install(faults: dict) -> None:
         time.sleep(float(faults["ckpt_write"].split(":")[1]))
         f.write(data[len(data) // 2 :])
 
+    def load_config(argv: list[str]) -> train.TrainConfig:
+        cfg = real_load_config(argv)
+        f = faults.get("data_dir")
+        return dataclasses.replace(cfg, data_dir=f["path"]) if f and f["rank"] == rank else cfg
+
+    real_load_config = train.load_config
+    train.load_config = load_config
     train.lr_at = lr_at
     model.GPT.forward = forward
     if faults.get("ckpt_write"):

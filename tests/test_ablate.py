@@ -26,7 +26,7 @@ CONFIGS = [str(REPO / "config/ablations/baseline.py"), str(REPO / "config/ablati
 # The real ablation configs, shrunk: a 64-token vocabulary (the Markov data's), one layer, a few steps.
 TINY = ["model_overrides.vocab_size=64", "model_overrides.n_layer=1", "model_overrides.n_embd=32",
         "model_overrides.n_head=2", "micro_batch=4", "seq_len=16", "total_batch_tokens=64", "max_steps=6",
-        "warmup_steps=2", "eval_interval=3", "eval_iters=2", "log_interval=1", "device=cpu"]
+        "warmup_steps=2", "eval_interval=3", "eval_tokens=64", "log_interval=1", "device=cpu"]
 
 
 def env() -> dict:

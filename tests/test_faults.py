@@ -127,6 +127,23 @@ def test_kill_during_checkpoint_write_keeps_previous(data, ref, tmp_path):
     assert_identical(ref, out)
 
 
+def test_corrupt_newest_checkpoint_resumes_from_the_previous_bit_exactly(data, ref, tmp_path):
+    """The run dies after its step-8 checkpoint and that file then rots (ckpt.pt and its ckpt_00000008.pt link
+    are one file): init_from=auto says so in one line, resumes from ckpt_00000006.pt and ends with the
+    uninterrupted result, bit for bit."""
+    out = tmp_path / "rot"
+    code, log, _ = finish(start(args(data, out, **KW), {"crash": {"step": 9, "rank": 0}}))
+    assert code == 17 and load_checkpoint(out / "ckpt_00000008.pt")["step"] == 8, log
+    blob = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(blob[: len(blob) // 3])
+    code, log, _ = finish(start(args(data, out, init_from="auto", **KW)))
+    assert code == 0, log
+    warn = [ln for ln in log.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "ckpt.pt is not a readable checkpoint" in warn[0], log
+    assert f"resumed from {out / 'ckpt_00000006.pt'} at step 6" in log
+    assert_identical(ref, out)
+
+
 def test_sigint_saves_within_one_step_and_resumes(data, ref, tmp_path):
     """Ctrl-C (SIGINT) after step 5 is logged: the step in flight (at most one more) finishes, a checkpoint is
     written, exit 0; resuming gives the uninterrupted result. (SIGTERM: tests/test_train.py.)"""
@@ -217,6 +234,20 @@ def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
     assert re.search(r"timed out", log, re.IGNORECASE), log  # rank 0's collective gave up (gloo: after 5000ms)
     assert wall < 100, (wall, log)
     assert load_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+def test_ranks_with_different_data_stop_with_one_line_each(data, tmp_path):
+    """Two "nodes" with separately prepared, different copies of the data: both ranks stop before training,
+    each with one line naming the mismatch; nothing is written."""
+    other = markov_dataset(tmp_path / "other", train_tokens=39_000)
+    out = tmp_path / "mismatch"
+    faults = {"data_dir": {"rank": 1, "path": str(other)}}
+    p = start(args(data, out, **DDP_KW), faults, TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    code, log, _ = finish(p, timeout=120)
+    assert code != 0, log
+    err = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(err) == 2 and all("rank 1 reads other data than rank 0" in e for e in err), log
+    assert not (out / "ckpt.pt").exists()
 
 
 def free_port() -> int:

@@ -100,7 +100,7 @@ def test_init_checkpoint_is_train_py_step_0(smoke: Path) -> None:
     loss0 = next(r["loss"] for r in recs if r["step"] == 0 and "loss" in r)
     train_cfg = load_checkpoint(smoke / "init_s1337" / "ckpt.pt")["train_config"]
     cfg = load_config([CONFIG] + [f"--{k}={v}" for k, v in train_cfg.items()
-                                  if k in ("data_dir", "micro_batch", "seq_len", "eval_iters", "seed")])
+                                  if k in ("data_dir", "micro_batch", "seq_len", "eval_tokens", "seed")])
     ckpt_model.train()  # as train.py: estimate_val_loss switches to eval and back
     assert estimate_val_loss(ckpt_model, cfg, Dist(), nullcontext()) == pytest.approx(val0, rel=1e-6)
     x, y = TokenLoader(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, 0, 1, seed=cfg.seed).next_batch()

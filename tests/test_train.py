@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> Path:
 
 def args(data: Path, out: Path, **kw: object) -> list[str]:
     base = dict(data_dir=data, out_dir=out, model_overrides=TINY, micro_batch=2, seq_len=16, total_batch_tokens=128,
-                max_steps=6, warmup_steps=2, lr=3e-3, eval_interval=3, eval_iters=2, log_interval=1, ckpt_interval=0,
+                max_steps=6, warmup_steps=2, lr=3e-3, eval_interval=3, eval_tokens=64, log_interval=1, ckpt_interval=0,
                 dtype="fp32", seed=7, device="cpu")  # CPU tests pin the CPU, also on a GPU machine
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -197,21 +197,26 @@ def test_non_finite_step_is_skipped_then_stops(data, tmp_path, monkeypatch, caps
 
 
 def test_hellaswag_hook(data, tmp_path, monkeypatch):
+    """HellaSwag has its own interval (not tied to eval_interval), always scores the final model, and runs
+    under the run's autocast at a max_length the model can take."""
     calls = []
 
-    def fake_eval(model, data_path=None, limit=None, device=None, rank=0, world_size=1, **kw):
-        calls.append(dict(model=model, limit=limit, data_path=data_path, rank=rank, world_size=world_size))
+    def fake_eval(model, data_path=None, limit=None, device=None, rank=0, world_size=1, max_length=512, **kw):
+        calls.append(dict(model=model, limit=limit, data_path=data_path, max_length=max_length,
+                          autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu")))
         return {"acc": 0.25, "acc_norm": 0.3 + 0.01 * len(calls)}
 
     monkeypatch.setitem(sys.modules, "eval_hellaswag", types.SimpleNamespace(evaluate_hellaswag=fake_eval))
     out = tmp_path / "hs"
-    train.train(in_process_cfg(data, out, max_steps=4, eval_interval=2, hellaswag_interval=2, hellaswag_limit=5,
-                               hellaswag_path="/x.jsonl"))
-    assert len(calls) == 3  # steps 0, 2, 4
+    train.train(in_process_cfg(data, out, max_steps=5, eval_interval=2, hellaswag_interval=3, hellaswag_limit=5,
+                               hellaswag_path="/x.jsonl", dtype="bf16"))
+    assert len(calls) == 2  # step 3 and the final step 5; never at step 0 (an untrained model)
     assert all(isinstance(c["model"], GPT) and c["limit"] == 5 and c["data_path"] == "/x.jsonl" for c in calls)
+    assert all(c["autocast"] and c["dtype"] == torch.bfloat16 and c["max_length"] == TINY["block_size"]
+               for c in calls)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["hellaswag_acc_norm"]) for r in recs if "hellaswag_acc_norm" in r] == [
-        (0, pytest.approx(0.31)), (2, pytest.approx(0.32)), (4, pytest.approx(0.33))]
+        (3, pytest.approx(0.31)), (5, pytest.approx(0.32))]
 
 
 def test_wandb_offline_resumes_same_run(data, tmp_path, monkeypatch):
@@ -278,7 +283,7 @@ def test_init_from_hf_folder(data, tmp_path):
     torch.manual_seed(0)
     hf_dir = export_hf_gpt2(GPT(GPTConfig(**TINY)), tmp_path / "hf")
     out = tmp_path / "ft"
-    train.train(in_process_cfg(data, out, init_from=str(hf_dir), model_overrides={}, max_steps=1, eval_iters=3))
+    train.train(in_process_cfg(data, out, init_from=str(hf_dir), model_overrides={}, max_steps=1, eval_tokens=96))
     ours = metrics(out)[1][0]
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     loader = TokenLoader(data, "val", 2, 16, shuffle=False)

@@ -24,7 +24,7 @@ weight_decay = 0.1
 dtype = "fp32"  # bf16 autocast is slower than fp32 on most CPUs
 compile = False
 eval_interval = 20
-eval_iters = 8  # 8 x 8 x 64 = 4096 val tokens, the same rows at every evaluation and for every variant
+eval_tokens = 4096  # 64 rows of 64 tokens, the same rows at every evaluation and for every variant
 log_interval = 5
 ckpt_interval = 0  # the final checkpoint is still written
 seed = 1337
