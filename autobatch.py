@@ -16,6 +16,8 @@ plus this rank's ZeRO-1 shard, whenever world_size >= 2; without ZeRO-1 it also 
 
 Resuming, the checkpoint's micro_batch is probed first and kept if it still fits (an exact continuation needs the
 same micro-batches). On CPU there is no memory to probe: "auto" is the largest candidate <= TrainConfig's default.
+The validation loss averages eval_iters x micro_batch rows, so with "auto" those rows follow the choice: compare
+val losses of runs on different GPUs at one fixed micro_batch.
 """
 
 from __future__ import annotations
