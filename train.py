@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from autobatch import choose_micro_batch
 from checkpoint import RunCheckpoints
 from common import (
     Dist,
@@ -55,6 +56,7 @@ from errors import run_main
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig
 from monitor import RunLog, StepTimer, StopFlag, step_line, step_record
+from run_lock import run_lock
 from train_config import ConfigError, TrainConfig, describe_fields, load_config
 
 
@@ -101,7 +103,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         if aux is not None:
             aux_sum = aux.detach() / grad_accum + (0 if aux_sum is None else aux_sum)
         scaler.scale(loss).backward()
-    if dist.is_initialized():  # the mean over ranks, so every rank takes the same skip decision
+    if isinstance(model, DDP):  # the mean over ranks, so every rank takes the same skip decision (only DDP
+        # ranks share gradients: autobatch.py's probes run undistributed models and must not wait on each other)
         dist.all_reduce(loss_sum)
         loss_sum /= dist.get_world_size()
     scaler.unscale_(optimizer)
@@ -214,7 +217,8 @@ def train(cfg: TrainConfig) -> dict:
                           "start over with --overwrite=true, or choose another out_dir")
     d = setup_distributed(cfg.device, cfg.backend, cfg.dist_timeout_s)
     try:
-        return _train(cfg, d, meta, ckpts)
+        with run_lock(cfg.out_dir) if d.master else nullcontext():  # one live run per out_dir
+            return _train(cfg, d, meta, ckpts)
     finally:
         if dist.is_initialized() and "RANK" in os.environ:
             dist.destroy_process_group()
@@ -239,11 +243,6 @@ def check_ranks_agree(cfg: TrainConfig, d: Dist, ckpts: RunCheckpoints) -> None:
 
 
 def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict:
-    tokens_per_micro = cfg.micro_batch * cfg.seq_len * d.world_size
-    if cfg.total_batch_tokens % tokens_per_micro:
-        raise ConfigError(f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch * seq_len "
-                          f"* world_size = {cfg.micro_batch}*{cfg.seq_len}*{d.world_size} = {tokens_per_micro}")
-    grad_accum = cfg.total_batch_tokens // tokens_per_micro
     max_steps = cfg.total_steps
     log = functools.partial(print, flush=True) if d.master else (lambda *a, **k: None)
 
@@ -260,13 +259,22 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
                               "or point out_dir at the run to continue")
         ckpt, ckpt_path = found or (None, ckpt_path)
         cfg = dataclasses.replace(cfg, init_from="resume" if ckpt else "scratch")
-    raw_model = build_model(cfg, ckpt, ckpt_path).to(d.device)
+    raw_model = build_model(cfg, ckpt, ckpt_path)
     data_vocab = int(meta.get("vocab_size", 50257))
     if raw_model.config.vocab_size < data_vocab:
         raise ConfigError(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the dataset's "
                           f"({data_vocab}, {cfg.data_dir}/meta.json); set model_overrides vocab_size >= {data_vocab}")
     if cfg.seq_len > raw_model.config.block_size:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's block_size={raw_model.config.block_size}")
+    if cfg.micro_batch == "auto":  # probed on copies of the model before it takes device memory
+        cfg = choose_micro_batch(cfg, d, raw_model, train_step, build_optimizer, log,
+                                 prefer=ckpt and ckpt.get("train_config", {}).get("micro_batch"))
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len * d.world_size
+    if cfg.total_batch_tokens % tokens_per_micro:
+        raise ConfigError(f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch * seq_len "
+                          f"* world_size = {cfg.micro_batch}*{cfg.seq_len}*{d.world_size} = {tokens_per_micro}")
+    grad_accum = cfg.total_batch_tokens // tokens_per_micro
+    raw_model = raw_model.to(d.device)
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model  # evaluation skips DDP: ranks run different numbers of eval batches

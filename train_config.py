@@ -14,7 +14,7 @@ import difflib
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from errors import UserError
 from model import GPTConfig
@@ -36,8 +36,9 @@ class TrainConfig:
     # model: a preset of model.PRESETS plus any GPTConfig fields, e.g. {"n_layer": 4, "pos": "rope"}
     model: str = "gpt2"
     model_overrides: dict = field(default_factory=dict)
-    # batch: total_batch_tokens = micro_batch * seq_len * grad_accum * world_size (grad_accum is derived)
-    micro_batch: int = 16
+    # batch: total_batch_tokens = micro_batch * seq_len * grad_accum * world_size (grad_accum is derived);
+    # micro_batch="auto": the largest that fits a training step in GPU memory (autobatch.py; CPU: 16 or below)
+    micro_batch: int | Literal["auto"] = 16
     seq_len: int = 1024
     total_batch_tokens: int = 524_288  # 2**19, GPT-3 small's 0.5M tokens
     # exactly one of max_steps / max_tokens must be > 0 (max_steps = ceil(max_tokens / total_batch_tokens));
@@ -89,7 +90,7 @@ class TrainConfig:
         if not (by_steps or by_tokens):
             raise ConfigError("set exactly one of max_steps / max_tokens to a positive number")
         for k in ("micro_batch", "seq_len", "total_batch_tokens", "log_interval"):
-            if getattr(self, k) <= 0:
+            if getattr(self, k) != "auto" and getattr(self, k) <= 0:  # (only micro_batch may be "auto")
                 raise ConfigError(f"{k}={getattr(self, k)} must be positive")
         for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps",
                   "keep_checkpoints"):
@@ -142,11 +143,23 @@ _TYPE_CHECKS = {
 }
 
 
+def _fits(value: object, option: str) -> bool:
+    if option.startswith("Literal["):  # Literal["auto"]: one of the listed values
+        return any(type(value) is type(v) and value == v for v in ast.literal_eval(f"({option[8:-1]},)"))
+    return _TYPE_CHECKS[option](value)
+
+
+def _describe(type_name: str) -> str:
+    """An annotation as messages show it: int | Literal["auto"] -> int | "auto"."""
+    return str(type_name).replace("Literal[", "").replace("]", "")
+
+
 def check_value(key: str, value: object, type_name: str, where: str) -> None:
-    """Raise ConfigError unless value fits the annotation type_name ("int", "float", "int | None", ...)."""
+    """Raise ConfigError unless value fits the annotation type_name ("int", "float", "int | None",
+    'int | Literal["auto"]', ...)."""
     options = [t.strip() for t in str(type_name).split("|")]
-    if not any(_TYPE_CHECKS[t](value) for t in options):
-        raise ConfigError(f"{where}: {key} must be {type_name}, got {type(value).__name__} {value!r}")
+    if not any(_fits(value, t) for t in options):
+        raise ConfigError(f"{where}: {key} must be {_describe(type_name)}, got {type(value).__name__} {value!r}")
 
 
 def parse_value(key: str, text: str, type_name: str) -> object:
@@ -158,11 +171,13 @@ def parse_value(key: str, text: str, type_name: str) -> object:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{key}={text}: expected true/false")
+    if any(t.startswith("Literal[") and _fits(text, t) for t in options):
+        return text  # a bare word of a Literal, such as --micro_batch=auto
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if "str" not in options:
-            raise ConfigError(f"--{key}={text}: not a valid {type_name}") from None
+            raise ConfigError(f"--{key}={text}: not a valid {_describe(type_name)}") from None
         value = text  # a bare word such as rope
     if "str" in options and not isinstance(value, str):
         value = text  # --out_dir=123 is the string "123"
@@ -225,4 +240,4 @@ def defaults() -> dict[str, Any]:
 
 def describe_fields() -> str:
     """Every TrainConfig field with its default and type, for --help."""
-    return "\n".join(f"  --{k}={v!r}  ({FIELD_TYPES[k]})" for k, v in defaults().items())
+    return "\n".join(f"  --{k}={v!r}  ({_describe(FIELD_TYPES[k])})" for k, v in defaults().items())
