@@ -39,6 +39,7 @@ VARIANTS = {
     "post_norm": dict(norm_placement="post"),
     "sandwich_norm": dict(norm_placement="sandwich"),
     "swiglu": dict(mlp="swiglu"),
+    "relu2": dict(mlp="relu2"),
     "moe": dict(mlp="moe", n_experts=4, moe_top_k=2),
     "no_bias": dict(bias=False),
     "qk_norm": dict(qk_norm=True),
@@ -453,6 +454,18 @@ def test_swiglu_hidden_size_matches_gelu_parameters():
         gelu, swiglu = (sum(p.numel() for p in MLPS[m](cfg).parameters()) for m in ("gelu", "swiglu"))
         assert abs(swiglu - gelu) / gelu < 0.01, (d, gelu, swiglu)  # exact for 768
     assert MLP(GPTConfig(n_embd=32, n_head=2, mlp_hidden=50)).c_fc.out_features == 50
+
+
+def test_relu2_mlp_matches_transformers_relu_squared():
+    """MLPS["relu2"] against transformers' ReLUSquaredActivation between two F.linear calls; GPT-2's width."""
+    from transformers.activations import ACT2FN
+
+    torch.manual_seed(0)
+    mlp = MLPS["relu2"](GPTConfig(**TINY)).eval()
+    x = torch.randn(2, 7, 32)
+    ref = F.linear(ACT2FN["relu2"](F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)), mlp.c_proj.weight, mlp.c_proj.bias)
+    assert (mlp(x) - ref).abs().max() < 1e-6
+    assert mlp.c_fc.out_features == 4 * 32 and (mlp(-x) - mlp(x)).abs().max() > 1e-3  # not even: ReLU, not x^2
 
 
 def test_untied_head_is_a_separate_parameter():
