@@ -165,6 +165,22 @@ def test_fp16_grad_scaler_drives_both_optimizers():
     assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, init["transformer.h.0.attn.c_attn.weight"])
 
 
+def test_zero1_shards_muon_and_adamw(tmp_path):
+    """Under a process group (one gloo rank here) with zero1, each part is a ZeroRedundancyOptimizer over its
+    own optimizer class, with flat parameter buckets."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        opt = train.build_optimizer(muon_cfg(zero1=True), CPU, tiny())
+        for part, cls in ((opt.muon, torch.optim.Muon), (opt.adamw, torch.optim.AdamW)):
+            assert isinstance(part, ZeroRedundancyOptimizer) and type(part.optim) is cls
+            assert part.parameters_as_bucket_view
+    finally:
+        dist.destroy_process_group()
+
+
 def test_missing_torch_muon_is_one_line_user_error(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UserError, match=r"torch\.optim\.Muon \(torch >= 2\.9\)") as e:
