@@ -2,7 +2,7 @@
     NORMS       norm            layernorm | rmsnorm
     POSITIONS   pos             learned | rope | none      (rope_base sets RoPE's wavelengths)
     PLACEMENTS  norm_placement  pre | post | sandwich      (the blocks other than GPT-2's model.Block)
-    the MLP variants swiglu and moe (model.MLPS holds them with GPT-2's gelu MLP).
+    the MLP variants swiglu, relu2 and moe (model.MLPS holds them with GPT-2's gelu MLP).
 
 This file does not import model.py: the parts take a GPTConfig (a type hint only) or plain arguments, and the
 blocks are handed their attention and MLP sublayers.
@@ -130,6 +130,21 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class ReLU2MLP(nn.Module):
+    """ReLU^2 (So et al. 2021, "Primer"; the MLP of modded-nanogpt and nanochat): Linear(4d, d)(relu(x W)^2),
+    GPT-2's two matrices and width with GELU replaced by a squared ReLU."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.mlp_hidden or 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
 
 
 class MoEMLP(nn.Module):

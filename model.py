@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from attention import ATTENTION_KERNELS, document_positions
 from errors import UserError
-from layers import NORMS, PLACEMENTS, POSITIONS, MoEMLP, Rope, SwiGLUMLP, apply_rope, make_norm
+from layers import NORMS, PLACEMENTS, POSITIONS, MoEMLP, ReLU2MLP, Rope, SwiGLUMLP, apply_rope, make_norm
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -44,7 +44,7 @@ class GPTConfig:
     pos: str = "learned"  # key of POSITIONS
     rope_base: float = 10000.0  # RoPE: wavelengths run from 2*pi to 2*pi*rope_base
     mlp: str = "gelu"  # key of MLPS
-    mlp_hidden: int | None = None  # MLP width; None: 4*n_embd (gelu, moe experts), 8/3*n_embd rounded up to 64 (swiglu)
+    mlp_hidden: int | None = None  # MLP width; None: 4*n_embd (gelu/relu2/moe), 8/3*n_embd rounded up to 64 (swiglu)
     n_experts: int = 8  # moe only
     moe_top_k: int = 2  # moe: experts per token
     moe_aux_loss_coef: float = 0.01  # moe: weight of the load-balancing loss added to the training loss
@@ -144,7 +144,8 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-MLPS = {"gelu": MLP, "swiglu": SwiGLUMLP, "moe": partial(MoEMLP, expert=MLP)}  # moe: experts are GPT-2 MLPs
+MLPS = {"gelu": MLP, "swiglu": SwiGLUMLP, "relu2": ReLU2MLP,
+        "moe": partial(MoEMLP, expert=MLP)}  # moe: experts are GPT-2 MLPs
 
 
 class Block(nn.Module):

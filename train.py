@@ -41,9 +41,12 @@ from autobatch import choose_micro_batch
 from checkpoint import RunCheckpoints
 from common import (
     Dist,
+    MuonWithAdamW,
     adamw_kwargs,
     autocast_context,
     configure_backends,
+    muon_class,
+    muon_param_groups,
     param_groups,
     peak_flops,
     rng_state,
@@ -177,27 +180,49 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, ckpt_path: Path) -> GPT:
     return model
 
 
-def build_optimizer(cfg: TrainConfig, d: Dist, model: GPT) -> torch.optim.Optimizer:
-    """Fused AdamW (decay on matrices only); ZeRO-1 shards its state across ranks, in flat per-rank buckets
-    so the step after it is one broadcast per rank, not one per parameter."""
+def build_optimizer(cfg: TrainConfig, d: Dist, model: GPT) -> torch.optim.Optimizer | MuonWithAdamW:
+    """Fused AdamW (decay on matrices only), or with optimizer=muon torch's Muon for the blocks' matrices plus
+    AdamW for the rest (common.muon_param_groups). ZeRO-1 shards each optimizer's state across ranks, in flat
+    per-rank buckets so the step after it is one broadcast per rank, not one per parameter.
+
+    Groups whose base lr is not cfg.lr carry lr_scale = base lr / cfg.lr: the loop sets each group's lr to
+    lr_at(step) * lr_scale (AdamW's groups have none, so its lr is lr_at(step) exactly, as before)."""
     kw = adamw_kwargs(cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
-    groups = param_groups(model, cfg.weight_decay)
-    if d.enabled and cfg.zero1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    zero1 = d.enabled and cfg.zero1
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True,
-                                       **kw)
-    return torch.optim.AdamW(groups, **kw)
+    def make(groups: list[dict], cls: type[torch.optim.Optimizer], **kw: object) -> torch.optim.Optimizer:
+        if zero1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, parameters_as_bucket_view=True, **kw)
+        return cls(groups, **kw)
+
+    if cfg.optimizer == "adamw":
+        return make(param_groups(model, cfg.weight_decay), torch.optim.AdamW, **kw)
+    lrs = {"muon": cfg.muon_lr, "embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
+    muon_groups, adamw_groups = muon_param_groups(model, cfg.weight_decay, lrs, cfg.muon_weight_decay)
+    for g in muon_groups + adamw_groups:
+        g["lr_scale"] = g["lr"] / cfg.lr
+    muon = make(muon_groups, muon_class(), lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+                weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
+    return MuonWithAdamW(muon, make(adamw_groups, torch.optim.AdamW, **kw))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state: dict) -> None:
     """Load a (consolidated) optimizer state. ZeroRedundancyOptimizer.load_state_dict puts every 0-dim state
     tensor (AdamW's step) on the CPU, but the fused CUDA kernel needs it on the parameter's device: move it back."""
+    combined = isinstance(optimizer, MuonWithAdamW)
+    saved = "muon" if "muon" in state else "adamw"  # MuonWithAdamW.state_dict() is {"adamw": ..., "muon": ...}
+    wanted = "muon" if combined else "adamw"
+    if saved != wanted:
+        raise ConfigError(f"init_from=resume: the checkpoint's optimizer state is {saved}'s, the config asks for "
+                          f"optimizer={wanted}; resume with --optimizer={saved}")
     optimizer.load_state_dict(state)
-    inner = getattr(optimizer, "optim", optimizer)
-    for p, s in inner.state.items():
-        if isinstance(s.get("step"), torch.Tensor) and s["step"].device != p.device:
-            s["step"] = s["step"].to(p.device)
+    for part in optimizer.parts.values() if combined else [optimizer]:
+        inner = getattr(part, "optim", part)
+        for p, s in inner.state.items():
+            if isinstance(s.get("step"), torch.Tensor) and s["step"].device != p.device:
+                s["step"] = s["step"].to(p.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,7 +412,7 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
                 hellaswag(step)
             lr = lr_at(step, cfg, max_steps)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon / AdamW groups: each its own base lr (build_optimizer)
             timer.start()
             r = train_step(model, optimizer, scaler, next_batch, grad_accum, autocast, cfg.grad_clip, skip=halted)
             timer.stop()

@@ -54,11 +54,26 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # on >= 2-D params only (matmul weights and embeddings); never biases/norm gains
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    # optimizer="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW (beta1, beta2, eps and
+    # weight_decay above) for the embeddings, the head and the 1-D tensors (common.muon_param_groups). Every
+    # group's lr is its base lr * lr_at(step) / lr, so lr and min_lr set only the schedule's shape. Defaults:
+    # nanochat's (karpathy/nanochat gpt.py setup_optimizers, tuned at n_embd=768: Muon lr 0.02, momentum 0.95,
+    # Nesterov, no decay; AdamW embeddings 0.2, head 0.004) and modded-nanogpt's lr for 1-D tensors (0.04, its
+    # 2025-01-16 record; nanochat's model has none).
+    optimizer: str = "adamw"  # adamw | muon
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_weight_decay: float = 0.0
+    muon_adjust_lr: str = "original"  # torch's adjust_lr_fn: original (lr * sqrt(max(1, rows/cols))) | match_rms_adamw
+    embed_lr: float = 0.2  # optimizer=muon only: AdamW lr of wte/wpe (a tied wte/lm_head takes head_lr)
+    head_lr: float = 0.004  # optimizer=muon only: AdamW lr of the untied lm_head
+    scalar_lr: float = 0.04  # optimizer=muon only: AdamW lr of norm gains and biases
     # numerics / speed
     dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (no autocast)
     device: str = "auto"  # auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     compile: bool = False  # torch.compile the model (minutes of compile on first steps; faster after)
-    zero1: bool = True  # shard AdamW state across ranks (ZeroRedundancyOptimizer); ignored with one process
+    zero1: bool = True  # shard optimizer state across ranks (ZeroRedundancyOptimizer); ignored with one process
     backend: str = "auto"  # torch.distributed backend: auto = nccl on CUDA, gloo on CPU
     dist_timeout_s: float = 600.0  # a collective waiting longer (a rank crashed or hangs) fails the job, no hang
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
@@ -104,6 +119,14 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be positive")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer={self.optimizer!r}: choose adamw or muon")
+        if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
+            raise ConfigError(f"muon_adjust_lr={self.muon_adjust_lr!r}: choose original or match_rms_adamw")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if self.optimizer == "muon" and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: with optimizer=muon lr must be positive (it scales every group's lr)")
         self.model_config()  # checks the preset, the overrides and seq_len against block_size
 
     @property

@@ -39,6 +39,7 @@ VARIANTS = {
     "post_norm": dict(norm_placement="post"),
     "sandwich_norm": dict(norm_placement="sandwich"),
     "swiglu": dict(mlp="swiglu"),
+    "relu2": dict(mlp="relu2"),
     "moe": dict(mlp="moe", n_experts=4, moe_top_k=2),
     "no_bias": dict(bias=False),
     "qk_norm": dict(qk_norm=True),
@@ -46,6 +47,7 @@ VARIANTS = {
     "doc_mask": dict(doc_mask=True),
     "doc_mask_rope_manual": dict(doc_mask=True, pos="rope", attention="manual"),
     "llama_like": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "modern": dict(pos="rope", qk_norm=True, norm="rmsnorm", mlp="relu2", tie_embeddings=False, bias=False),
 }
 
 
@@ -307,7 +309,7 @@ def test_qk_norm_normalizes_each_head():
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(pos="rope"), dict(pos="none"), dict(attention="manual"),
-                                       dict(norm="rmsnorm", mlp="swiglu", qk_norm=True)])
+                                       dict(norm="rmsnorm", mlp="swiglu", qk_norm=True), VARIANTS["modern"]])
 def test_doc_mask_second_document_equals_it_run_alone(overrides):
     model = tiny(**overrides, doc_mask=True).eval()
     g = torch.Generator().manual_seed(1)
@@ -455,6 +457,18 @@ def test_swiglu_hidden_size_matches_gelu_parameters():
     assert MLP(GPTConfig(n_embd=32, n_head=2, mlp_hidden=50)).c_fc.out_features == 50
 
 
+def test_relu2_mlp_matches_transformers_relu_squared():
+    """MLPS["relu2"] against transformers' ReLUSquaredActivation between two F.linear calls; GPT-2's width."""
+    from transformers.activations import ACT2FN
+
+    torch.manual_seed(0)
+    mlp = MLPS["relu2"](GPTConfig(**TINY)).eval()
+    x = torch.randn(2, 7, 32)
+    ref = F.linear(ACT2FN["relu2"](F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)), mlp.c_proj.weight, mlp.c_proj.bias)
+    assert (mlp(x) - ref).abs().max() < 1e-6
+    assert mlp.c_fc.out_features == 4 * 32 and (mlp(-x) - mlp(x)).abs().max() > 1e-3  # not even: ReLU, not x^2
+
+
 def test_untied_head_is_a_separate_parameter():
     tied, untied = tiny(), tiny(tie_embeddings=False)
     assert tied.lm_head.weight is tied.transformer.wte.weight
@@ -497,5 +511,25 @@ def test_ablation_config_files_are_one_small_diff_from_the_baseline():
         cfg = train_config.load_config([f])
         mc = cfg.model_config()
         diff = {k for k, v in mc.to_dict().items() if v != getattr(base, k)}
-        assert Path(f).stem == "baseline" or (1 <= len(diff) <= 4 and cfg.out_dir.endswith(Path(f).stem)), (f, diff)
+        if Path(f).stem == "modern":  # the one recipe of several changes (and Muon, checked below)
+            assert diff == set(VARIANTS["modern"]) and cfg.optimizer == "muon", diff
+        else:
+            assert Path(f).stem == "baseline" or 1 <= len(diff) <= 4, (f, diff)
+        assert Path(f).stem == "baseline" or cfg.out_dir.endswith(Path(f).stem), f
         GPT(mc)  # every ablation config builds its model
+
+
+def test_modern_preset_trains(tmp_path):
+    """config/ablations/modern.py as train.py runs it (Muon + AdamW), 4 steps on a small learnable stream."""
+    import train
+    import train_config
+    from _shards import markov_dataset
+
+    data = markov_dataset(tmp_path / "data", train_tokens=20_000, val_tokens=4_000)
+    cfg = train_config.load_config([str(REPO / "config/ablations/modern.py"), f"--data_dir={data}",
+                                    f"--out_dir={tmp_path / 'out'}", "--max_steps=4", "--warmup_steps=1",
+                                    "--eval_interval=4", "--eval_tokens=1024", "--log_interval=1"])
+    out = train.train(cfg)
+    assert out["step"] == 4 and out["losses"][-1] < out["losses"][0] - 1.0, out["losses"]
+    saved = load_checkpoint(tmp_path / "out/ckpt.pt")
+    assert set(saved["optimizer"]) == {"adamw", "muon"} and saved["train_config"]["optimizer"] == "muon"
