@@ -185,6 +185,13 @@ def test_verify_names_changed_and_missing_shards(reference, tmp_path):
     assert_one_line_error(cli("--verify", d), "records no sha256 for 17 of 17 shards", "--overwrite")
 
 
+def test_text_bytes_of_tiny_shakespeare_are_the_file_less_its_separators(src, reference):
+    meta = json.loads((reference / "meta.json").read_text())
+    n_docs = sum(e["docs"] for split in meta["splits"].values() for e in split)
+    assert n_docs == len(src.read_text().split("\n\n"))  # no blank speech was dropped
+    assert sum(meta["text_bytes"].values()) == src.stat().st_size - 2 * (n_docs - 1)
+
+
 def test_text_bytes_of_a_hand_checked_corpus(tmp_path):
     docs = ["hello", "héllo wörld", "   ", "日本", "a\nb", "<|endoftext|> is text here"]
     # hand count, UTF-8: 5; 13 (é and ö are 2 bytes each); blank: dropped; 6 (3 each); 3; 26
