@@ -5,6 +5,7 @@ uninterrupted runs of the same command."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -77,7 +78,10 @@ def test_whole_txt_file_is_one_document_with_known_token_count(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert {k: meta[k] for k in ("format", "tokenizer", "vocab_size", "eot", "dtype")} == {
         "format": 1, "tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256, "dtype": "uint16"}
-    assert meta["splits"] == {"train": [{"file": "train_000000.bin", "tokens": 338026, "docs": 1}], "val": []}
+    sha = hashlib.sha256((tmp_path / "train_000000.bin").read_bytes()).hexdigest()
+    assert meta["splits"] == {"train": [{"file": "train_000000.bin", "tokens": 338026, "docs": 1, "sha256": sha}],
+                              "val": []}
+    assert meta["text_bytes"] == {"train": src.stat().st_size, "val": 0}  # the file is the one document
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train_000000.bin"]
 
 
@@ -237,7 +241,7 @@ def test_hf_sources_call_load_dataset_and_match_local_path(tmp_path, monkeypatch
 
     def fake_load(path, name=None, data_files=None, split=None, streaming=False, **kwargs):
         calls.append((path, name, split, streaming, kwargs))
-        return real_load("json", data_files=[str(src)], split="train", streaming=True)
+        return real_load("json", data_files=[str(src)], split="train", streaming=streaming)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     run(*argv, "--out-dir", tmp_path / "hf", "--val-fraction", "0.01", "--num-proc", 2)
@@ -259,7 +263,7 @@ def test_tasks_in_flight_are_bounded():
         nonlocal pulled
         for i in range(100):
             pulled += 1
-            yield [f"document {i}"] * 10, np.zeros(10, dtype=bool)
+            yield [f"document {i}"] * 10, np.zeros(10, dtype=bool), (i, i)
 
     with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
         it = prepare_data.encoded(tasks(), pool, 2)
@@ -267,7 +271,8 @@ def test_tasks_in_flight_are_bounded():
         assert pulled <= 2 * 2 + 1
         rest = list(it)
     assert len(rest) == 99 and pulled == 100
-    assert first[0].tolist() == [EOT, *get_tokenizer().encode_ordinary("document 0")] * 10
+    assert first[0]["train"][0].tolist() == [EOT, *get_tokenizer().encode_ordinary("document 0")] * 10
+    assert [r[2] for r in rest] == [(i, i) for i in range(1, 100)]  # each result with its own task's position
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
