@@ -54,7 +54,7 @@ from common import (
     setup_distributed,
     to_device,
 )
-from data import TokenLoader, load_meta
+from data import TokenLoader, load_meta, split_tokens
 from errors import run_main
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig
@@ -358,6 +358,9 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
         # the time a preemption's grace period must cover (docs/reliability.md "Preemption")
         log(f"saved checkpoint {ckpts.latest} at step {step} in {time.perf_counter() - t0:.1f} s")
 
+    val_bytes = meta.get("text_bytes", {}).get("val")  # bits per byte compare across tokenizers
+    bytes_per_token = val_bytes / split_tokens(cfg.data_dir, "val") if val_bytes else None
+
     def evaluate(step: int) -> float:
         nonlocal best_val, best_step
         val = estimate_val_loss(eval_model, cfg, d, autocast)
@@ -365,8 +368,9 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
             best_val, best_step = val, step
             if d.master:
                 ckpts.mark_best(step)  # this step's checkpoint, if it was saved before the evaluation
-        log(f"step {step}: val loss {val:.4f}")
-        runlog.record({"step": step, "tokens": tokens_seen, "val_loss": val})
+        bpb = val / math.log(2) / bytes_per_token if bytes_per_token else None
+        log(f"step {step}: val loss {val:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb else ""))
+        runlog.record({"step": step, "tokens": tokens_seen, "val_loss": val, "val_bpb": bpb})
         return val
 
     def hellaswag(step: int) -> None:

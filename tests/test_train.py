@@ -315,3 +315,28 @@ def test_scratch_run_refuses_to_replace_an_existing_checkpoint(data, tmp_path):
     assert (out / "ckpt.pt").read_bytes() == before
     run(args(data, out, max_steps=3, eval_interval=0, overwrite=True))  # asked for: starts over
     assert ckpt(out)["step"] == 3
+
+
+def test_val_bits_per_byte_is_loss_times_tokens_over_bytes(tmp_path):
+    """val_bpb = val_loss * tokens / (bytes * ln 2) over the val split, its bytes counted here from the text
+    (the first 3 documents, non-ASCII included) and its tokens by tiktoken's GPT-2 BPE, independently of
+    prepare_data's counting."""
+    from tokenizer import get_tokenizer
+
+    docs = [f"Ünïcödé line {i}: " + "the quick brown fox jumps over the lazy dog. " * (30 + i) for i in range(12)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs), encoding="utf-8")
+    r = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), "--files", corpus, "--doc-sep", "\n\n",
+                        "--val-docs", "3", "--name", "bpb", "--out-dir", tmp_path / "data", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    val_bytes = sum(len(d.encode("utf-8")) for d in docs[:3])
+    enc = get_tokenizer()
+    val_tokens = sum(1 + len(enc.encode_ordinary(d)) for d in docs[:3])  # each document preceded by EOT
+    out = tmp_path / "out"
+    run(args(tmp_path / "data", out, model_overrides={**TINY, "vocab_size": 50304, "block_size": 64}, seq_len=32,
+             micro_batch=2, total_batch_tokens=64, max_steps=1, eval_interval=1, eval_tokens=128))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in recs if "val_loss" in r]
+    assert vals and all(r["val_bpb"] == pytest.approx(r["val_loss"] * val_tokens / (val_bytes * math.log(2)),
+                                                       rel=1e-12) for r in vals)
