@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import common
+import optim
 from errors import ArgumentParser, UserError, run_main
 from model import GPT
 from train import train_step
@@ -178,7 +179,7 @@ def build(args: object, cfg: TrainConfig, device: torch.device, plain: bool) -> 
     pad_rows = mc.padded_vocab_size - mc.vocab_size
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len) - 6 * pad_rows * mc.n_embd
     fused = False if plain else {"auto": None, "on": True, "off": False}[args.fused_adamw]
-    opt = common.make_adamw(common.param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    opt = optim.make_adamw(optim.param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                           eps=cfg.eps, fused=fused)
     model = raw_model
     if cfg.compile and not plain:

@@ -41,13 +41,8 @@ from autobatch import choose_micro_batch
 from checkpoint import RunCheckpoints
 from common import (
     Dist,
-    MuonWithAdamW,
-    adamw_kwargs,
     autocast_context,
     configure_backends,
-    muon_class,
-    muon_param_groups,
-    param_groups,
     peak_flops,
     rng_state,
     set_rng_state,
@@ -59,6 +54,7 @@ from errors import run_main
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig
 from monitor import RunLog, StepTimer, StopFlag, step_line, step_record
+from optim import build_optimizer, load_optimizer_state
 from run_lock import run_lock
 from train_config import ConfigError, TrainConfig, describe_fields, load_config
 
@@ -178,51 +174,6 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, ckpt_path: Path) -> GPT:
     model = GPT(GPTConfig(**{**hf.config.to_dict(), **extra}))
     model.load_state_dict(hf.state_dict())
     return model
-
-
-def build_optimizer(cfg: TrainConfig, d: Dist, model: GPT) -> torch.optim.Optimizer | MuonWithAdamW:
-    """Fused AdamW (decay on matrices only), or with optimizer=muon torch's Muon for the blocks' matrices plus
-    AdamW for the rest (common.muon_param_groups). ZeRO-1 shards each optimizer's state across ranks, in flat
-    per-rank buckets so the step after it is one broadcast per rank, not one per parameter.
-
-    Groups whose base lr is not cfg.lr carry lr_scale = base lr / cfg.lr: the loop sets each group's lr to
-    lr_at(step) * lr_scale (AdamW's groups have none, so its lr is lr_at(step) exactly, as before)."""
-    kw = adamw_kwargs(cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device.type)
-    zero1 = d.enabled and cfg.zero1
-
-    def make(groups: list[dict], cls: type[torch.optim.Optimizer], **kw: object) -> torch.optim.Optimizer:
-        if zero1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, parameters_as_bucket_view=True, **kw)
-        return cls(groups, **kw)
-
-    if cfg.optimizer == "adamw":
-        return make(param_groups(model, cfg.weight_decay), torch.optim.AdamW, **kw)
-    lrs = {"muon": cfg.muon_lr, "embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}
-    muon_groups, adamw_groups = muon_param_groups(model, cfg.weight_decay, lrs, cfg.muon_weight_decay)
-    for g in muon_groups + adamw_groups:
-        g["lr_scale"] = g["lr"] / cfg.lr
-    muon = make(muon_groups, muon_class(), lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
-                weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
-    return MuonWithAdamW(muon, make(adamw_groups, torch.optim.AdamW, **kw))
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state: dict) -> None:
-    """Load a (consolidated) optimizer state. ZeroRedundancyOptimizer.load_state_dict puts every 0-dim state
-    tensor (AdamW's step) on the CPU, but the fused CUDA kernel needs it on the parameter's device: move it back."""
-    combined = isinstance(optimizer, MuonWithAdamW)
-    saved = "muon" if "muon" in state else "adamw"  # MuonWithAdamW.state_dict() is {"adamw": ..., "muon": ...}
-    wanted = "muon" if combined else "adamw"
-    if saved != wanted:
-        raise ConfigError(f"init_from=resume: the checkpoint's optimizer state is {saved}'s, the config asks for "
-                          f"optimizer={wanted}; resume with --optimizer={saved}")
-    optimizer.load_state_dict(state)
-    for part in optimizer.parts.values() if combined else [optimizer]:
-        inner = getattr(part, "optim", part)
-        for p, s in inner.state.items():
-            if isinstance(s.get("step"), torch.Tensor) and s["step"].device != p.device:
-                s["step"] = s["step"].to(p.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on >= 2-D params only (matmul weights and embeddings); never biases/norm gains
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     # optimizer="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW (beta1, beta2, eps and
-    # weight_decay above) for the embeddings, the head and the 1-D tensors (common.muon_param_groups). Every
+    # weight_decay above) for the embeddings, the head and the 1-D tensors (optim.muon_param_groups). Every
     # group's lr is its base lr * lr_at(step) / lr, so lr and min_lr set only the schedule's shape. Defaults:
     # nanochat's (karpathy/nanochat gpt.py setup_optimizers, tuned at n_embd=768: Muon lr 0.02, momentum 0.95,
     # Nesterov, no decay; AdamW embeddings 0.2, head 0.004) and modded-nanogpt's lr for 1-D tensors (0.04, its

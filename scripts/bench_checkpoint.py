@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from checkpoint import RunCheckpoints  # noqa: E402
-from common import make_adamw, param_groups  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from optim import make_adamw, param_groups  # noqa: E402
 
 
 def main() -> None:

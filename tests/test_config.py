@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from _shards import markov_dataset
-from common import param_groups
 from errors import UserError
 from model import GPT, GPTConfig
+from optim import param_groups
 from train import lr_at
 from train_config import TrainConfig, load_config
 

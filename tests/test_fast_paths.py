@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import common
-from common import param_groups
+import optim
 from model import GPT, GPTConfig
+from optim import param_groups
 
 needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -76,14 +77,14 @@ def test_padded_vocab_gives_same_logits_loss_and_grads() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_adamw_matches_foreach(device: str) -> None:
-    if not common.fused_adamw_available(device):
+    if not optim.fused_adamw_available(device):
         pytest.skip(f"fused AdamW is not available on {device} in torch {torch.__version__}")
     torch.manual_seed(0)
     cfg = tiny()
     a = GPT(cfg).to(device)
     b = copy.deepcopy(a)
-    opt_a = common.make_adamw(param_groups(a, 0.1), lr=1e-3, fused=False)
-    opt_b = common.make_adamw(param_groups(b, 0.1), lr=1e-3, fused=True)
+    opt_a = optim.make_adamw(param_groups(a, 0.1), lr=1e-3, fused=False)
+    opt_b = optim.make_adamw(param_groups(b, 0.1), lr=1e-3, fused=True)
     assert opt_b.defaults["fused"] and not opt_a.defaults.get("fused")
     la = train_steps(a, opt_a, cfg, 4, device)
     lb = train_steps(b, opt_b, cfg, 4, device)
@@ -96,8 +97,8 @@ def test_fused_adamw_matches_foreach(device: str) -> None:
 
 def test_make_adamw_default_is_fused_where_available() -> None:
     """Fused wherever torch has it: train_step relies on it to skip a non-finite update on the device."""
-    opt = common.make_adamw(param_groups(GPT(tiny()), 0.1), lr=1e-3)
-    assert bool(opt.defaults.get("fused")) == common.fused_adamw_available("cpu")
+    opt = optim.make_adamw(param_groups(GPT(tiny()), 0.1), lr=1e-3)
+    assert bool(opt.defaults.get("fused")) == optim.fused_adamw_available("cpu")
     # weight decay on matrices only: biases and LayerNorm gains are in the no-decay group
     assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"]) and opt.param_groups[0]["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0.0
@@ -153,7 +154,7 @@ def _train_step(device: str, dtype: str = "fp32"):
 
     torch.manual_seed(0)
     model = GPT(tiny()).to(device)
-    opt = common.make_adamw(param_groups(model, 0.1), lr=1e-3)
+    opt = optim.make_adamw(param_groups(model, 0.1), lr=1e-3)
     scaler = torch.amp.GradScaler(device, enabled=dtype == "fp16")
     autocast = common.autocast_context(device, dtype)
     x, y = batch(tiny(), device=device)
@@ -274,8 +275,8 @@ def test_compiled_equals_eager(device: str, dtype: str) -> None:
     eager = GPT(cfg).to(device)
     compiled_raw = copy.deepcopy(eager)
     compiled = torch.compile(compiled_raw)
-    opt_e = common.make_adamw(param_groups(eager, 0.1), lr=1e-3)
-    opt_c = common.make_adamw(param_groups(compiled_raw, 0.1), lr=1e-3)
+    opt_e = optim.make_adamw(param_groups(eager, 0.1), lr=1e-3)
+    opt_c = optim.make_adamw(param_groups(compiled_raw, 0.1), lr=1e-3)
     tol = dict(rel=1e-4) if dtype == "fp32" else dict(rel=2e-2)
     le = train_steps(eager, opt_e, cfg, 3, device, dtype)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -368,6 +369,6 @@ def test_zero1_uses_flat_bucket_views(tmp_path) -> None:
         opt = build_optimizer(TrainConfig(max_steps=1, zero1=True), common.Dist(device=torch.device("cpu")),
                               GPT(tiny()))
         assert type(opt).__name__ == "ZeroRedundancyOptimizer" and opt.parameters_as_bucket_view
-        assert opt.optim.defaults.get("fused") == common.fused_adamw_available("cpu")
+        assert opt.optim.defaults.get("fused") == optim.fused_adamw_available("cpu")
     finally:
         dist.destroy_process_group()

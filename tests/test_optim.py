@@ -1,4 +1,4 @@
-"""optimizer="muon": torch.optim.Muon on the blocks' matrices, AdamW on the rest (common.muon_param_groups,
+"""optimizer="muon": torch.optim.Muon on the blocks' matrices, AdamW on the rest (optim.muon_param_groups,
 train.build_optimizer). The split; steps against torch.optim.Muon and AdamW called directly; the lr schedule on
 every group; skipped non-finite steps; fp16's GradScaler; then train.py end to end: 2 processes (DDP, ZeRO-1)
 against 1, bit-exact resume after a hard kill, a 2-process checkpoint resumed on 1 process.
@@ -19,10 +19,12 @@ import pytest
 import torch
 
 import common
+import optim
 import train
-from common import Dist, MuonWithAdamW
+from common import Dist
 from errors import UserError
 from model import GPT, GPTConfig
+from optim import MuonWithAdamW
 from test_train import RESUME, TINY, args, ckpt, interrupted_run, metrics, run
 from train_config import ConfigError, TrainConfig, load_config
 
@@ -87,7 +89,7 @@ def test_split_puts_every_parameter_in_one_group(overrides):
 
 
 def test_adamw_groups_are_unchanged():
-    """optimizer=adamw: the two decay groups of common.param_groups, without lr_scale (the loop's lr is
+    """optimizer=adamw: the two decay groups of optim.param_groups, without lr_scale (the loop's lr is
     then lr_at(step) * 1.0, the same float)."""
     model = tiny()
     opt = train.build_optimizer(TrainConfig(max_steps=1), CPU, model)
@@ -113,7 +115,7 @@ def test_steps_equal_torch_muon_and_adamw_called_directly():
     ref_adamw = torch.optim.AdamW([{"params": [p["transformer.wte.weight"]], "lr": 0.1, "weight_decay": 0.1},
                                    {"params": [p["lm_head.weight"]], "lr": 0.01, "weight_decay": 0.1},
                                    {"params": scalars, "lr": 0.05, "weight_decay": 0.0}],
-                                  betas=(0.8, 0.95), eps=1e-10, fused=common.fused_adamw_available("cpu"))
+                                  betas=(0.8, 0.95), eps=1e-10, fused=optim.fused_adamw_available("cpu"))
     for step in range(3):
         for g in opt.param_groups:  # what train.py's loop does
             g["lr"] = train.lr_at(step, cfg, 3) * g.get("lr_scale", 1.0)
