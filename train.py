@@ -45,6 +45,7 @@ from common import (
     adamw_kwargs,
     autocast_context,
     configure_backends,
+    machine_info,
     param_groups,
     peak_flops,
     rng_state,
@@ -273,6 +274,9 @@ class RunLog:
             self.wandb_id = wandb_id or secrets.token_hex(4)  # kept in the checkpoint: a resume continues it
             self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
                                         id=self.wandb_id, resume="allow", config=asdict(cfg), dir=str(out_dir))
+        if step < max_steps or max_steps == 0:  # what ran and where, for report.py (a finished run's resume: nothing)
+            self.record({"step": step, "launch": {"argv": sys.argv, "config": asdict(cfg),
+                                                  "machine": machine_info(d.device, d.world_size)}}, to_wandb=False)
 
     def _truncate(self, step: int) -> None:
         if not self.path.is_file():
@@ -282,17 +286,19 @@ class RunLog:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
 
-    def record(self, rec: dict) -> None:
+    def record(self, rec: dict, to_wandb: bool = True) -> None:
         if not self.master:
             return
+        rec = {**rec, "time": round(time.time(), 3)}  # wall clock (Unix s): report.py's wall time
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         except OSError as e:  # disk full, out_dir removed or read-only
             raise ConfigError(f"cannot write {self.path}: {e.strerror}; free disk space or choose another "
                               f"out_dir, then continue with --init_from=resume") from e
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
+        if to_wandb and self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in rec.items() if k not in ("step", "time") and v is not None},
+                               step=rec["step"])
 
     def close(self) -> None:
         if self.wandb_run is not None:
