@@ -242,7 +242,7 @@ def plot_curves(run_dir: Path, train: list[dict], val: list[dict], median_tok_s:
         ax[0].plot([r["step"] for r in train], [r["tok_per_s"] for r in train], label="tokens/s")
         if median_tok_s:
             ax[0].axhline(median_tok_s, color="gray", ls="--", label=f"median {median_tok_s:,.0f}")
-        ax[0].legend(loc="lower right")
+        ax[0].legend()
         ax[0].set_ylabel("tokens / s (median step of each log window)")
         mfu = [(r["step"], 100 * r["mfu"]) for r in train if r.get("mfu") is not None]
         if mfu:
@@ -305,9 +305,9 @@ def write_report(run_dir: str | Path) -> Path:
                 "</details>", ""]
 
     rows = [["steps done", f"{s['steps']:,}"], ["tokens seen", f"{s['tokens']:,}"],
-            ["wall time", (fmt_duration(s["wall_s"]) + f" ({len(launches)} launch{'es' if len(launches) > 1 else ''}"
-                           ", each from its start to its last record)") if s["wall_s"] is not None
-             else "not recorded (no launch records)"],
+            ["wall time", fmt_duration(s["wall_s"]) + (f" ({len(launches)} launches, each from its start to its last "
+                                                      "record)" if len(launches) > 1 else " (start to last record)")
+             if s["wall_s"] is not None else "not recorded (no launch records)"],
             ["median tokens/s", f"{s['tok_per_s']:,.0f} (median of {s['windows']} log windows, the first window "
                                 "of each launch left out)" if s["tok_per_s"] else "—"],
             ["median MFU", f"{100 * s['mfu']:.1f}% (same windows)" if s["mfu"] is not None
