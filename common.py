@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass
@@ -104,6 +105,26 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def machine_info(device: torch.device, world_size: int = 1) -> dict:
+    """What a run ran on (recorded in metrics.jsonl at each launch, shown by report.py): the host CPU, the
+    accelerator this process uses, the process and node counts, and the software versions."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often just the architecture
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cuda = device.type == "cuda"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cpu_count": cores, "torch_threads": torch.get_num_threads(), "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "gpus_visible": torch.cuda.device_count() if cuda else 0,
+            "world_size": world_size, "nodes": max(1, world_size // max(1, per_node)),
+            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+            "python": platform.python_version(), "os": platform.platform()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,6 +66,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+def fit_max_length(model: torch.nn.Module, max_length: int, say: Callable[[str], object] | None = None) -> int:
+    """max_length, or the model's block_size (the longest input it takes) where that is smaller; `say` gets one
+    line saying so (the CLIs print it; the library functions cap silently)."""
+    block_size = getattr(getattr(unwrap(model), "config", None), "block_size", max_length)
+    if max_length <= block_size:
+        return max_length
+    if say is not None:
+        say(f"max_length {max_length} exceeds the model's block_size {block_size}: scoring with max_length "
+            f"{block_size}")
+    return block_size
 
 
 @torch.no_grad()
@@ -226,15 +238,13 @@ def evaluate_hellaswag(
     batch_size counts examples (each one forward of 8 rows: 4 endings x 2 protocols). With world_size > 1
     (torch.distributed initialized), rank r scores examples r, r + world_size, ... and the counts are summed
     over ranks, so every rank returns the same dict. The model's train/eval mode is restored afterwards.
+    max_length is capped at the model's block_size (the result's max_length is the one used).
     Returns acc, acc_norm, their stderr, llmc_acc, llmc_acc_norm, n (and per-example results on this rank
     if return_examples)."""
     net = unwrap(model)
     if device is None:
         device = next(net.parameters()).device
-    block_size = getattr(getattr(net, "config", None), "block_size", max_length)
-    if max_length > block_size:
-        raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}; "
-                        f"pass --max-length {block_size} or less")
+    max_length = fit_max_length(net, max_length)
     examples = _rendered(None if data_path is None else str(data_path), limit)
     mine = list(range(rank, len(examples), world_size))
     was_training = net.training
@@ -305,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help=f"rowanz-format hellaswag_val.jsonl (default: the {HF_DATASET} hub dataset)")
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (x8 rows)")
-    p.add_argument("--max-length", type=int, default=512, help="inputs are cut to their last N tokens")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="inputs are cut to their last N tokens (default 512; capped at the model's block_size)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="autocast dtype for the forward pass (log-softmax is always fp32)")
@@ -319,9 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     _rendered(args.data, args.limit)  # bad data fails here, before any distributed setup
     d = setup_distributed(args.device or "auto")
     rank, world, device = d.rank, d.world_size, d.device
+    max_length = fit_max_length(model, args.max_length, say=print if rank == 0 else None)
     model.to(device)
     with autocast_context(device.type, args.dtype):
-        result = evaluate_hellaswag(model, args.data, args.limit, args.batch_size, args.max_length, device,
+        result = evaluate_hellaswag(model, args.data, args.limit, args.batch_size, max_length, device,
                                     rank, world, progress=True)
     if world > 1:
         import torch.distributed as dist
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank != 0:
         return
     result.update(model=args.model, data=args.data or HF_DATASET)
-    print(f"hellaswag n={result['n']} max_length={args.max_length}")
+    print(f"hellaswag n={result['n']} max_length={max_length}")
     print(f"  lm-eval  acc      {result['acc']:.4f} ± {result['acc_stderr']:.4f}")
     print(f"  lm-eval  acc_norm {result['acc_norm']:.4f} ± {result['acc_norm_stderr']:.4f}")
     print(f"  llm.c    acc_norm {result['llmc_acc_norm']:.4f}  (raw ctx, mean token loss; llmc_acc "

@@ -22,25 +22,22 @@ from lm_eval.api.model import TemplateLM
 
 from common import autocast_context
 from errors import ArgumentParser, UserError, run_main
-from eval_hellaswag import load_model_for_eval, score_batch, tok_encode, unwrap
+from eval_hellaswag import fit_max_length, load_model_for_eval, score_batch, tok_encode, unwrap
 from tokenizer import EOT, get_tokenizer
 
 DEFAULT_TASKS = "hellaswag,lambada_openai,wikitext"
 
 
 class GPTLM(TemplateLM):
-    """lm_eval model wrapping a GPT already on `device`. batch_size counts rows per forward pass."""
+    """lm_eval model wrapping a GPT already on `device`. batch_size counts rows per forward pass; max_length is
+    capped at the model's block_size."""
 
     def __init__(self, model: torch.nn.Module, max_length: int = 512, batch_size: int = 16,
                  device: str | torch.device | None = None, dtype: str = "float32") -> None:
         super().__init__()
         self.model = unwrap(model)
         self._device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        block_size = getattr(getattr(self.model, "config", None), "block_size", max_length)
-        if max_length > block_size:
-            raise UserError(f"max_length {max_length} exceeds the model's block_size {block_size}; "
-                            f"pass --max-length {block_size} or less")
-        self._max_length = max_length
+        self._max_length = fit_max_length(self.model, max_length)
         self.batch_size = batch_size
         self.dtype = dtype
         self.model.eval()
@@ -142,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description="lm-eval harness on one of our checkpoints (any architecture variant)")
     p.add_argument("model", help="our checkpoint file (ckpt.pt) or a Hugging Face GPT-2 folder")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
-    p.add_argument("--max-length", type=int, default=512, help="context window used for scoring (default 512)")
+    p.add_argument("--max-length", type=int, default=512, help="context window used for scoring (default 512; "
+                   "capped at the model's block_size)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--limit", type=float, help="only the first N documents of each task (or a fraction < 1)")
     p.add_argument("--data-dir", help="offline: local task variants reading hellaswag_val.jsonl, "
@@ -165,16 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     if limit is not None and limit <= 0:
         raise UserError("--limit must be > 0")
     model = load_model_for_eval(args.model)
+    max_length = fit_max_length(model, args.max_length, say=print)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    results = run_tasks(model, tasks, args.data_dir, args.max_length, args.batch_size, limit, device, args.dtype,
+    results = run_tasks(model, tasks, args.data_dir, max_length, args.batch_size, limit, device, args.dtype,
                         args.bootstrap_iters)
     from lm_eval.utils import handle_non_serializable, make_table
 
-    print(f"{args.model}  max_length={args.max_length}  limit={limit}")
+    print(f"{args.model}  max_length={max_length}  limit={limit}")
     print(make_table(results))
     if args.out:
-        out = {"model": args.model, "max_length": args.max_length, "limit": limit, "tasks": tasks,
+        out = {"model": args.model, "max_length": max_length, "limit": limit, "tasks": tasks,
                "results": results["results"], "n-samples": results.get("n-samples"),
                "versions": results.get("versions")}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

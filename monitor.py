@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import Dist
+from common import Dist, machine_info
 from train_config import ConfigError, TrainConfig
 
 
@@ -140,23 +141,28 @@ class RunLog:
             self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
                                         config=asdict(cfg), dir=str(out_dir),
                                         **wandb_resume_kwargs(wandb, self.wandb_id, step, resuming))
+        if step < max_steps or max_steps == 0:  # what ran and where, for report.py (a finished run's resume: nothing)
+            self.record({"step": step, "launch": {"argv": sys.argv, "config": asdict(cfg),
+                                                  "machine": machine_info(d.device, d.world_size)}}, to_wandb=False)
 
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
 
-    def record(self, rec: dict) -> None:
+    def record(self, rec: dict, to_wandb: bool = True) -> None:
         if not self.master:
             return
+        rec = {**rec, "time": round(time.time(), 3)}  # wall clock (Unix s): report.py's wall time
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         except OSError as e:  # disk full, out_dir removed or read-only
             raise ConfigError(f"cannot write {self.path}: {e.strerror}; free disk space or choose another "
                               f"out_dir, then continue with --init_from=resume") from e
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
+        if to_wandb and self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in rec.items() if k not in ("step", "time") and v is not None},
+                               step=rec["step"])
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -18,7 +18,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist; point plot.py at a train.py out_dir")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not JSON ({e.msg}); metrics.jsonl is train.py's log, one "
+                            "JSON object per line") from e
+    return records
 
 
 def plot(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:

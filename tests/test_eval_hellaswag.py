@@ -197,3 +197,30 @@ def test_cli_prints_and_writes_json(tiny: dict, tmp_path: Path) -> None:
     ref = evaluate_hellaswag(load_model(tiny["ckpt"]), data, limit=12)
     assert {k: got[k] for k in ref} == ref
     assert not math.isnan(got["acc_stderr"])
+
+
+def test_model_shorter_than_max_length_is_scored_at_its_block_size(tmp_path: Path) -> None:
+    """A block_size-64 model at the default --max-length 512: one line says so and the CLI scores at 64, equal to
+    lm-eval's own `hf` model at max_length 64 (the requests are longer than 64 tokens, so the cut matters)."""
+    from checkpoint import save_checkpoint
+    from hf import export_hf_gpt2
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(64)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, tmp_path / "ckpt.pt")
+    export_hf_gpt2(m, tmp_path / "hf")
+    data, out = shared_file("hellaswag_val.jsonl"), tmp_path / "hs.json"
+    proc = run_cli(str(tmp_path / "ckpt.pt"), "--data", str(data), "--limit", "40", "--device", "cpu",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note = "max_length 512 exceeds the model's block_size 64: scoring with max_length 64"
+    assert proc.stdout.count(note) == 1 and "hellaswag n=40 max_length=64" in proc.stdout, proc.stdout
+    got = json.loads(out.read_text())
+    ref = lm_eval_hf(tmp_path / "hf", tmp_path / "tasks", max_length=64, limit=40)
+    assert got["max_length"] == 64 and got["n"] == len(ref["samples"]) == 40
+    assert got["acc"] == ref["results"]["acc,none"] and got["acc_norm"] == ref["results"]["acc_norm,none"]
+    pairs = [encode_pair(s["doc"]["query"], " " + c) for s in ref["samples"] for c in s["doc"]["choices"]]
+    assert max(len(ctx) + len(cont) for ctx, cont in pairs) > 65
+    # the library caps silently: the training hook's default max_length works on this model too
+    assert evaluate_hellaswag(m, data, limit=40) == {k: got[k] for k in got if k not in ("model", "data")}

@@ -21,7 +21,7 @@ from conftest import (
     shared_file,
 )
 from eval_hellaswag import evaluate_hellaswag, tok_encode
-from eval_lm import run_tasks
+from eval_lm import GPTLM, run_tasks
 from eval_tasks import wikitext_documents, write_local_tasks
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -152,3 +152,26 @@ def test_bad_input_is_one_line_exit_2(tiny: dict, tmp_path: Path, shared_data: P
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_model_shorter_than_max_length_is_scored_at_its_block_size(tmp_path: Path, shared_data: Path) -> None:
+    """A block_size-64 model at the default --max-length 512: one line says so, and the CLI's LAMBADA and WikiText
+    numbers equal lm-eval's own `hf` model at max_length 64 (WikiText's rolling windows are then 64 tokens)."""
+    from hf import export_hf_gpt2
+
+    torch.manual_seed(64)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, tmp_path / "ckpt.pt")
+    export_hf_gpt2(m, tmp_path / "hf")
+    out = tmp_path / "res.json"
+    proc = run_cli(str(tmp_path / "ckpt.pt"), "--tasks", "lambada_openai,wikitext", "--data-dir", str(shared_data),
+                   "--limit", "3", "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = "max_length 512 exceeds the model's block_size 64: scoring with max_length 64"
+    assert proc.stdout.count(note) == 1 and "max_length=64" in proc.stdout, proc.stdout
+    got = json.loads(out.read_text())
+    assert got["max_length"] == 64
+    ref = lm_eval_hf(tmp_path / "hf", shared_data, ["lambada_openai", "wikitext"], limit=3, max_length=64)
+    assert_close(got["results"]["lambada_openai_local"], ref["lambada_openai_local"], ["acc", "perplexity"])
+    assert_close(got["results"]["wikitext_local"], ref["wikitext_local"], ["word_perplexity", "bits_per_byte"])
+    assert GPTLM(m, max_length=512).max_length == 64  # the library caps silently
