@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from common import Dist, machine_info
+from errors import UserError
 from train_config import ConfigError, TrainConfig
 
 
@@ -84,21 +85,27 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A line that does not parse (a run killed mid-write tears the last one)
-    is dropped with a warning, so it cannot block every later resume."""
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (`run`: its out_dir, or the file). A last line that does not parse
+    (a run killed mid-write tears it) is dropped with a warning, so it cannot block every later resume; a bad
+    line before the last is damage, and one UserError names it."""
+    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; point at a train.py out_dir")
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
     records = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, (n, line) in enumerate(lines):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             rec = None
         if isinstance(rec, dict) and isinstance(rec.get("step"), int):
             records.append(rec)
-        else:
+        elif i == len(lines) - 1:
             warnings.warn(f"{path} line {n} is not a metrics record (torn by a crash?): dropped", stacklevel=2)
+        else:
+            raise UserError(f"{path}:{n}: not a metrics record (one JSON object with an integer step per line); "
+                            "the file is damaged: restore it or remove that line")
     return records
 
 

@@ -7,27 +7,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from errors import ArgumentParser, UserError, run_main
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; point plot.py at a train.py out_dir")
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not JSON ({e.msg}); metrics.jsonl is train.py's log, one "
-                            "JSON object per line") from e
-    return records
+from errors import ArgumentParser, run_main
+from monitor import read_metrics
 
 
 def plot(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:

@@ -23,7 +23,7 @@ import torch
 
 from errors import ArgumentParser, UserError, run_main
 from model import GPT, GPTConfig
-from plot import read_metrics
+from monitor import read_metrics
 
 # OpenAI GPT-2 124M, published figures (not measured with this code; docs/evaluation.md keeps the same table):
 # (task, metric) -> (value, protocol, source).
@@ -54,7 +54,7 @@ class Launch:
     last_time: float | None  # the last record's time before the next launch
 
 
-def read_run(run_dir: Path) -> tuple[list[Launch], list[dict], list[dict]]:
+def read_run(run_dir: Path) -> tuple[list[Launch], list[dict], list[dict], list[dict]]:
     """(launches, train records, val records) of a train.py out_dir, in file order."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; pass a train.py out_dir (e.g. out/shakespeare_cpu)")
@@ -70,7 +70,8 @@ def read_run(run_dir: Path) -> tuple[list[Launch], list[dict], list[dict]]:
             launches.append(Launch(r, None))
         elif launches and r.get("time") is not None:
             launches[-1].last_time = r["time"]
-    return launches, [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+    return (launches, [r for r in records if "loss" in r], [r for r in records if "val_loss" in r],
+            [r for r in records if r.get("hellaswag_acc_norm") is not None])
 
 
 def summarize(launches: list[Launch], train: list[dict], val: list[dict]) -> dict:
@@ -143,7 +144,7 @@ def utc(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def eval_rows(evals: list[tuple[Path, str, dict]], val: list[dict], config: dict | None) -> list[list[str]]:
+def eval_rows(evals: list[tuple[Path, str, dict]], hook: list[dict], config: dict | None) -> list[list[str]]:
     """Table rows: file, task, metric, this run, n, max_length, GPT-2 124M published, its protocol and source."""
     rows = []
 
@@ -169,7 +170,6 @@ def eval_rows(evals: list[tuple[Path, str, dict]], val: list[dict], config: dict
             for metric in HELLASWAG_METRICS:
                 add(path.name, "hellaswag", "hellaswag", metric, data[metric], data.get(f"{metric}_stderr"),
                     data["n"], data.get("max_length"))
-    hook = [r for r in val if r.get("hellaswag_acc_norm") is not None]
     if hook:  # train.py's hellaswag_interval hook: evaluate_hellaswag's default max_length, capped at block_size
         n = (config or {}).get("hellaswag_limit") or "all"
         mc = model_config_of(config)
@@ -267,7 +267,7 @@ def plot_curves(run_dir: Path, train: list[dict], val: list[dict], median_tok_s:
 
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    launches, train, val = read_run(run_dir)
+    launches, train, val, hellaswag = read_run(run_dir)
     s = summarize(launches, train, val)
     config = launches[-1].record["launch"]["config"] if launches else None
     if config is None and (run_dir / "ckpt.pt").is_file():  # a run logged before launch records existed
@@ -323,7 +323,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     out += ["## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
 
-    table = eval_rows(evals, val, config)
+    table = eval_rows(evals, hellaswag, config)
     if table:
         out += ["## Evaluation", "",
                 "\"This run\" is measured by the file named; the GPT-2 124M column is OpenAI GPT-2 124M's "

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from errors import ArgumentParser, UserError, run_main  # noqa: E402
-from plot import read_metrics  # noqa: E402
+from monitor import read_metrics  # noqa: E402
 
 # (task, metric, column title); tasks are looked up with or without eval_lm's "_local" suffix
 COLUMNS = [

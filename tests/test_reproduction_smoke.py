@@ -22,7 +22,7 @@ from checkpoint import load_checkpoint, load_model  # noqa: E402
 from common import Dist  # noqa: E402
 from conftest import SAMPLE_DATA, SHARED_DATA  # noqa: E402
 from data import TokenLoader, load_meta  # noqa: E402
-from plot import read_metrics  # noqa: E402
+from monitor import read_metrics  # noqa: E402
 from train import estimate_val_loss  # noqa: E402
 from train_config import load_config  # noqa: E402
 
