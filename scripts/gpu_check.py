@@ -1,7 +1,7 @@
 """The GPU check: every performance and health figure of the codebase in one run of under 8 minutes.
 
     python scripts/gpu_check.py --out out/gpu_check          # on one GPU, from the repository root
-    python scripts/gpu_check.py --rehearse --out /tmp/gpu_r   # the same steps on CPU with a tiny model, < 1 min
+    python scripts/gpu_check.py --rehearse --out /tmp/gpu_r   # the same steps on CPU with a tiny model, ~1 min
     python scripts/gpu_check.py --list                        # the steps and their time estimates
 
 Steps, most valuable first; each runs only if its estimate fits in what is left of --budget-s, else it is
@@ -15,10 +15,14 @@ compile workers included), with $PYTHON (default python3), offline.
     cuda_tests        pytest -m cuda over the test files that use the marker
     train             train.py compiled on Tiny Shakespeare tokens, 40 steps: loss falls, no NaN, tok/s vs bench
     fp16              the same run eager with fp16 + GradScaler: finite, close to bf16's losses
+    resume            torchrun + ZeRO-1 + fused AdamW, bf16, 20 steps vs the same run crashed at step 10 (the tests'
+                      fault launcher) and restarted (--max_restarts=1, init_from=auto): losses, weights bit-equal
     profile           torch.profiler over a compiled bench.py run: top kernels, attention kernel, time by kind
+    flex_recompiles   flex attention, doc_mask, qk_norm, RoPE, bf16, compiled, 20 steps: recompiles after warm-up
     bench_batch2x     compiled at twice the micro-batch
     bench_cudagraphs  compiled with mode reduce-overhead (CUDA graphs)
     bench_vs_plain    eager fast step alternated with the plain nanoGPT-style step (bench.py --vs-plain)
+    pytest            the test suite but the cuda tests, GPU visible, in the rest of the budget (then interrupted)
 
 Results folder (--out): results.jsonl (one JSON line per step, appended the moment the step ends),
 summary.txt (rewritten after every step), profile.txt (the top-kernel table). Logs, bench JSON, training
@@ -39,7 +43,9 @@ import ast
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -131,26 +137,40 @@ class Check:
             env.setdefault("OMP_NUM_THREADS", "1")  # a tiny model runs faster on one thread of a busy CPU
         return env
 
-    def run(self, name: str, argv: list[str], cap_s: float) -> Path:
+    def run(self, name: str, argv: list[str], cap_s: float, env: dict[str, str] | None = None) -> Path:
         """Run argv in its own process group, output to work/<name>.log; StepError on failure or timeout."""
-        log = self.work / f"{name}.log"
-        self.logs.append(log)
-        timeout = max(1.0, min(cap_s, self.left()))
-        with open(log, "a") as f:
-            f.write(f"$ {shlex.join(argv)}\n")
-            f.flush()
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=self.env(),
-                                         start_new_session=True)
-            try:
-                rc = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.stop_child()
-                raise StepError(f"timed out after {timeout:.0f} s", log) from None
-            finally:
-                self.stop_child()
+        rc, log, timeout = self.spawn(name, argv, cap_s, env)
+        if rc is None:
+            raise StepError(f"timed out after {timeout:.0f} s", log)
         if rc != 0:
             raise StepError(f"exit code {rc}: {shlex.join(argv[:3])} ...", log)
         return log
+
+    def spawn(self, name: str, argv: list[str], cap_s: float, env: dict[str, str] | None = None,
+              interrupt_s: float = 0.0) -> tuple[int | None, Path, float]:
+        """(exit code or None if it timed out, log, timeout). interrupt_s > 0: at the timeout, SIGINT first and
+        up to interrupt_s seconds to finish (pytest then still writes its report), then the usual stop."""
+        log = self.work / f"{name}.log"
+        self.logs.append(log)
+        timeout = max(1.0, min(cap_s, self.left() - interrupt_s))
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(argv)}\n")
+            f.flush()
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**self.env(), **(env or {})}, start_new_session=True)
+            rc: int | None = None
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                if interrupt_s > 0:
+                    try:
+                        os.killpg(self.proc.pid, signal.SIGINT)
+                        self.proc.wait(interrupt_s)
+                    except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                        pass
+            finally:
+                self.stop_child()
+        return rc, log, timeout
 
     def stop_child(self) -> None:
         """SIGTERM to the child's whole process group (compile workers included), SIGKILL after 8 s."""
@@ -303,21 +323,14 @@ def step_bench_compiled(c: Check) -> dict:
     return r
 
 
-def step_cuda_tests(c: Check) -> dict:
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                   if "mark.cuda" in p.read_text())
-    xml = c.work / "cuda_tests.xml"
-    xml.unlink(missing_ok=True)
-    argv = [c.py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
-    try:
-        c.run("cuda_tests", argv, cap_s=300)
-    except StepError:
-        if not xml.is_file():  # pytest itself failed; test failures are read from the XML below
-            raise
-    r = {"files": files, "selected": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
-         "failures": [], "skip_reasons": []}
+def junit_counts(xml: Path) -> dict:
+    """Test counts of a pytest --junitxml report: ran, passed, failed, errors, skipped, failing test ids with their
+    first message line, distinct skip reasons. (A test cut off by an interrupt has a nameless entry: not counted.)"""
+    r = {"ran": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "skip_reasons": []}
     for case in ET.parse(xml).getroot().iter("testcase"):
-        r["selected"] += 1
+        if case.get("name") is None:
+            continue
+        r["ran"] += 1
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
         kinds = {child.tag: child for child in case}
         if "failure" in kinds or "error" in kinds:
@@ -331,6 +344,22 @@ def step_cuda_tests(c: Check) -> dict:
                 r["skip_reasons"].append(reason)
         else:
             r["passed"] += 1
+    return r
+
+
+def step_cuda_tests(c: Check) -> dict:
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if "mark.cuda" in p.read_text())
+    xml = c.work / "cuda_tests.xml"
+    xml.unlink(missing_ok=True)
+    argv = [c.py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    try:
+        c.run("cuda_tests", argv, cap_s=300)
+    except StepError:
+        if not xml.is_file():  # pytest itself failed; test failures are read from the XML below
+            raise
+    r = {"files": files, **junit_counts(xml)}
+    r["selected"] = r.pop("ran")
     r["summary"] = (f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped of "
                     f"{r['selected']} (pytest -m cuda: {' '.join(files)})"
                     + (f"; skipped: {'; '.join(r['skip_reasons'])}" if r["skip_reasons"] else ""))
@@ -360,26 +389,42 @@ def dataset(c: Check) -> Path:
     return c.dataset
 
 
-def train_run(c: Check, name: str, dtype: str, compiled: bool) -> tuple[list[dict], str]:
-    """A short train.py run of the check's model on real tokens, one micro-batch per step; its metrics."""
-    data = dataset(c)
-    _, B, T, _ = shape(c)
-    out_dir = c.work / name
-    argv = [c.py, "train.py", c.args.config, f"--data_dir={data}", f"--out_dir={out_dir}", "--overwrite=true",
-            "--max_tokens=0", f"--max_steps={c.args.train_steps}", f"--micro_batch={B}", f"--seq_len={T}",
-            f"--total_batch_tokens={B * T}", f"--warmup_steps={2 if c.rehearse else 10}", "--eval_interval=0",
-            "--ckpt_interval=0", "--hellaswag_interval=0", "--log_interval=1", "--wandb_log=false", f"--dtype={dtype}",
-            f"--compile={'true' if compiled and not c.rehearse else 'false'}"]
+def train_args(c: Check, out_dir: Path, steps: int, B: int, T: int, dtype: str, compiled: bool,
+               model: dict | None = None, **settings: object) -> list[str]:
+    """train.py's arguments for a short check run of --config on real tokens, one micro-batch per step, no
+    evaluation or checkpoint unless `settings` asks; `model`: model_overrides (default: the config's model,
+    the tiny one in rehearsal). Later settings win."""
+    base: dict[str, object] = {
+        "data_dir": dataset(c), "out_dir": out_dir, "overwrite": True, "max_tokens": 0, "max_steps": steps,
+        "micro_batch": B, "seq_len": T, "total_batch_tokens": B * T, "warmup_steps": 2 if c.rehearse else 10,
+        "eval_interval": 0, "ckpt_interval": 0, "hellaswag_interval": 0, "log_interval": 1, "wandb_log": False,
+        "dtype": dtype, "compile": compiled and not c.rehearse}
     if c.rehearse:
-        argv += [f"--model_overrides.{k}={v}" for k, v in REHEARSAL_MODEL.items()]
-        argv += ["--lr=5e-3", "--device=cpu"]
-    c.run(name, argv, cap_s=300)
-    (out_dir / "ckpt.pt").unlink(missing_ok=True)  # the final checkpoint: 1.5 GB for 124M, not needed here
-    rows = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        base |= {"lr": 5e-3, "device": "cpu"}
+    base |= settings
+    model = model if model is not None else (REHEARSAL_MODEL if c.rehearse else {})
+    return [c.args.config, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()),
+            *(f"--model_overrides.{k}={v}" for k, v in model.items())]
+
+
+def loss_rows(out_dir: Path, log: Path) -> list[dict]:
+    """The per-step records (those with a loss) of a run's metrics.jsonl."""
+    path = out_dir / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     rows = [r for r in rows if "loss" in r]
     if not rows:
-        raise StepError(f"no step records in {out_dir / 'metrics.jsonl'}", c.work / f"{name}.log")
-    return rows, shlex.join(["python", *argv[1:]])
+        raise StepError(f"no step records in {path}", log)
+    return rows
+
+
+def train_run(c: Check, name: str, dtype: str, compiled: bool) -> tuple[list[dict], str]:
+    """A short train.py run of the check's model on real tokens, one micro-batch per step; its metrics."""
+    _, B, T, _ = shape(c)
+    out_dir = c.work / name
+    argv = [c.py, "train.py", *train_args(c, out_dir, c.args.train_steps, B, T, dtype, compiled)]
+    log = c.run(name, argv, cap_s=300)
+    (out_dir / "ckpt.pt").unlink(missing_ok=True)  # the final checkpoint: 1.5 GB for 124M, not needed here
+    return loss_rows(out_dir, log), shlex.join(["python", *argv[1:]])
 
 
 def train_figures(rows: list[dict]) -> dict:
@@ -437,6 +482,170 @@ def step_fp16(c: Check) -> dict:
                     f"({fmt(r['rel_diff_vs_bf16'], '.2%')})")
     if not r["finite"] or r["close_to_bf16"] is False:
         raise StepError(f"{dtype} unhealthy: {r['summary']}", c.work / f"train_{dtype}.log", r)
+    return r
+
+
+SMALL_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 256}  # resume and flex_recompiles on a GPU: 16M params
+
+
+def torchrun(c: Check, *opts: str) -> list[str]:
+    return [c.py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *opts]
+
+
+def step_resume(c: Check) -> dict:
+    """torchrun, ZeRO-1, fused AdamW, bf16: N steps uninterrupted; the same run crashed at step N/2 (the tests'
+    fault launcher) and restarted by torchrun --max_restarts=1 with init_from=auto. Same kernels, same state:
+    every step's loss and the final weights and AdamW state should be bit-equal."""
+    n = 8 if c.rehearse else 20
+    half = n // 2
+    B, T = (2, 64) if c.rehearse else (8, 512)
+    model = REHEARSAL_MODEL if c.rehearse else SMALL_MODEL
+    dirs = {k: c.work / f"resume_{k}" for k in ("ref", "cut")}
+    marker = c.work / "resume_crashed_once"
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)  # a reused --work-dir: init_from=auto must not find an old run
+    marker.unlink(missing_ok=True)
+    same = {"zero1": True, "ckpt_interval": half, "warmup_steps": 2 if c.rehearse else 5}
+    ref_argv = [*torchrun(c), "train.py", *train_args(c, dirs["ref"], n, B, T, "bf16", False, model, **same)]
+    fault = json.dumps({"crash": {"step": half, "once": str(marker)}})
+    cut_argv = [*torchrun(c, "--max_restarts=1"), "tests/fault_launcher.py", fault,
+                *train_args(c, dirs["cut"], n, B, T, "bf16", False, model, init_from="auto", **same)]
+    ref_log = c.run("resume_ref", ref_argv, cap_s=150)
+    cut_log = c.run("resume_cut", cut_argv, cap_s=200)
+    ref = {row["step"]: row["loss"] for row in loss_rows(dirs["ref"], ref_log)}
+    cut = {row["step"]: row["loss"] for row in loss_rows(dirs["cut"], cut_log)}
+    if sorted(ref) != list(range(n)) or sorted(cut) != list(range(n)):
+        raise StepError(f"expected steps 0-{n - 1} in both runs, got {sorted(ref)} and {sorted(cut)}", cut_log)
+    ref_text, cut_text = ref_log.read_text(errors="replace"), cut_log.read_text(errors="replace")
+    w = c.child("resume_compare", "child_compare_checkpoints", str(dirs["ref"] / "ckpt.pt"),
+                str(dirs["cut"] / "ckpt.pt"), cap_s=90)
+    for d in dirs.values():
+        (d / "ckpt.pt").unlink(missing_ok=True)
+    diffs = [abs(ref[s] - cut[s]) for s in range(n)]
+    first = next((s for s in range(n) if ref[s] != cut[s]), None)
+    device = re.search(r"process\(es\) on (\S+)", ref_text)
+    r = {"command_ref": shlex.join(["python", *ref_argv[1:]]), "command_cut": shlex.join(["python", *cut_argv[1:]]),
+         "device": device.group(1) if device else na("no header line in the log"), "steps": n,
+         "resumed_at": half, "zero1": "ZeRO-1" in ref_text, "fused_adamw": w["fused"],
+         "restarted": f"injected fault: crash on rank 0 at step {half}" in cut_text
+                      and f"resumed from {dirs['cut'] / 'ckpt.pt'} at step {half}" in cut_text,
+         "losses_ref": [ref[s] for s in range(n)], "losses_resumed": [cut[s] for s in range(n)],
+         "losses_bit_equal": first is None, "bit_equal_before_resume": all(d == 0 for d in diffs[:half]),
+         "first_diff_step": first if first is not None else na("every step's loss is equal"),
+         "max_abs_diff": max(diffs), "max_abs_diff_before_resume": max(diffs[:half]),
+         "weights_bit_equal": w["model_equal"], "optimizer_bit_equal": w["optimizer_equal"],
+         "max_abs_diff_weights": w["model_max_abs_diff"]}
+    r["bit_equal"] = r["losses_bit_equal"] and r["weights_bit_equal"] and r["optimizer_bit_equal"]
+    r["summary"] = (f"{r['device']}, torchrun 1 process, ZeRO-1 {r['zero1']}, fused AdamW {r['fused_adamw']}, bf16, "
+                    f"{n} steps; crashed at step {half} and restarted: {r['restarted']}; losses bit-equal "
+                    f"{r['losses_bit_equal']} (max |diff| {r['max_abs_diff']:.3g}, before the resume "
+                    f"{r['max_abs_diff_before_resume']:.3g}), weights {r['weights_bit_equal']}, AdamW state "
+                    f"{r['optimizer_bit_equal']}")
+    if not r["restarted"]:
+        raise StepError(f"the run was not crashed at step {half} and resumed there: {r['summary']}", cut_log, r)
+    if not r["bit_equal"] and (c.rehearse or r["bit_equal_before_resume"] or r["max_abs_diff"] > 1e-2):
+        # bit-equal before the resume (or on CPU, where it is promised): the resume changed the run. Steps that
+        # differ before any resume mean nondeterministic kernels; then only a large difference fails.
+        raise StepError(f"the resumed run differs from the uninterrupted one: {r['summary']}", cut_log, r)
+    return r
+
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \|")  # train.py's per-step log line (log_interval=1)
+
+
+def dynamo_events(text: str, warmup: int) -> dict:
+    """Recompiles and graph breaks in a train.py log written with TORCH_LOGS=recompiles,graph_breaks: in all,
+    and after warm-up (after the log line of step warmup-1), with the first guard failure of each late one."""
+    r = {"recompiles": 0, "recompiles_after_warmup": 0, "graph_breaks": 0, "graph_breaks_after_warmup": 0,
+         "recompile_reasons": [],
+         "recompile_limit_hit": bool(re.search(r"hit config\.(recompile|cache_size)_limit", text))}
+    after = want_reason = False
+    for line in text.splitlines():
+        m = STEP_LINE.match(line)
+        if m:
+            after = after or int(m.group(1)) >= warmup - 1
+        elif "[__recompiles] Recompiling function" in line:
+            r["recompiles"] += 1
+            r["recompiles_after_warmup"] += after
+            want_reason = after
+        elif "[__graph_breaks] Graph break" in line:
+            r["graph_breaks"] += 1
+            r["graph_breaks_after_warmup"] += after
+        elif want_reason and "[__recompiles]     - " in line:
+            r["recompile_reasons"].append(line.split("[__recompiles]", 1)[1].strip()[:200])
+            want_reason = False
+    return r
+
+
+FLEX_WARMUP = 2  # steps whose compiles (the train graph, the eval graph of the step-0 evaluation) are expected
+
+
+def step_flex_recompiles(c: Check) -> dict:
+    """Document-masked flex attention with qk_norm and RoPE, bf16, compiled: recompiles after warm-up (every
+    batch has other document boundaries, and the evaluations switch to eval mode and back)."""
+    n = 6 if c.rehearse else 20
+    B, T = (2, 64) if c.rehearse else (4, 1024)
+    attention = "sdpa" if c.rehearse else "flex"  # flex_attention has no CPU backward
+    model = {**(REHEARSAL_MODEL if c.rehearse else SMALL_MODEL), "attention": attention, "doc_mask": True,
+             "qk_norm": True, "pos": "rope"}
+    out_dir = c.work / "flex_recompiles"
+    argv = [c.py, "train.py", *train_args(c, out_dir, n, B, T, "bf16", True, model, eval_interval=n // 2,
+                                          eval_iters=2)]
+    log = c.run("flex_recompiles", argv, cap_s=300, env={"TORCH_LOGS": "recompiles,graph_breaks"})
+    (out_dir / "ckpt.pt").unlink(missing_ok=True)
+    rows = loss_rows(out_dir, log)
+    losses = [row["loss"] for row in rows]
+    after = [row for row in rows if row["step"] >= FLEX_WARMUP] or rows
+    r = {"command": shlex.join(["python", *argv[1:]]), "attention": attention, "compile": not c.rehearse,
+         "steps": len(rows), "warmup_steps": FLEX_WARMUP, "loss_first": losses[0], "loss_last": losses[-1],
+         "finite": all(math.isfinite(v) for v in losses), "first_step_s": rows[0]["step_ms"] / 1e3,
+         "tok_per_s_median": statistics.median(row["tok_per_s"] for row in after),
+         **dynamo_events(log.read_text(errors="replace"), FLEX_WARMUP)}
+    if c.rehearse:
+        why = "rehearsal: eager with sdpa (flex_attention has no CPU backward; compiling takes ~40 s on a CPU)"
+        for k in ("recompiles", "recompiles_after_warmup", "graph_breaks", "graph_breaks_after_warmup",
+                  "recompile_limit_hit"):
+            r[k] = na(why)
+    r["summary"] = (f"{attention} doc_mask qk_norm rope bf16 {'compiled' if r['compile'] else 'eager'}, {len(rows)} "
+                    f"steps: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}; recompiles "
+                    f"{fmt(r['recompiles'], 'd')} in all, {fmt(r['recompiles_after_warmup'], 'd')} after step "
+                    f"{FLEX_WARMUP - 1}; graph breaks {fmt(r['graph_breaks'], 'd')}; first step "
+                    f"{r['first_step_s']:.1f} s, then {r['tok_per_s_median']:,.0f} tok/s")
+    if not r["finite"] or (not c.rehearse and (r["recompiles_after_warmup"] or r["recompile_limit_hit"])):
+        raise StepError(f"recompiles after warm-up or non-finite losses: {r['summary']}", log, r)
+    return r
+
+
+# a few seconds (the rehearsal runs the step, not the suite): the guard that keeps CPU tests off the GPU
+REHEARSAL_TESTS = "tests/test_cpu_pinning.py::test_unpinned_commands_are_refused"
+
+
+def step_pytest(c: Check) -> dict:
+    """The test suite (but the cuda tests, run by cuda_tests) with the GPU visible, in whatever budget is left:
+    at the end of it pytest is interrupted (SIGINT: it still writes its report) and the counts are of the
+    tests that ran."""
+    selection = shlex.split(c.args.pytest_args or (REHEARSAL_TESTS if c.rehearse else "tests"))
+    xml = c.work / "pytest.xml"
+    xml.unlink(missing_ok=True)
+    argv = [c.py, "-m", "pytest", "-m", "not cuda", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}",
+            *selection]
+    rc, log, _ = c.spawn("pytest", argv, cap_s=c.left(), interrupt_s=20)
+    if not xml.is_file():
+        raise StepError(f"pytest wrote no report (exit code {rc})", log)
+    r = {"command": shlex.join(["python", *argv[1:]]), "gpu_visible": not c.rehearse, "finished": rc is not None,
+         **junit_counts(xml)}
+    m = re.search(r"collected (\d+) items?(?: / (\d+) deselected)?(?: / (\d+) selected)?", log.read_text())
+    r["selected"] = (int(m.group(3) or int(m.group(1)) - int(m.group(2) or 0)) if m
+                     else na("no 'collected' line in the log"))
+    r["not_run"] = r["selected"] - r["ran"] if m else na("no 'collected' line in the log")
+    r["summary"] = (f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped of "
+                    f"{r['ran']} run" + ("" if r["finished"] else f", cut at the budget with {fmt(r['not_run'], 'd')}"
+                                         f" of {fmt(r['selected'], 'd')} not run")
+                    + f" (pytest -m 'not cuda' {' '.join(selection)}, GPU {'hidden' if c.rehearse else 'visible'})")
+    if r["failed"] or r["errors"]:
+        raise StepError("failed: " + "; ".join(r["failures"][:5]), log, r)
+    if r["ran"] == 0 or (r["finished"] and rc not in (0, 1)):
+        raise StepError(f"no test ran or pytest failed (exit code {rc}): {r['summary']}", log, r)
     return r
 
 
@@ -536,12 +745,27 @@ STEPS = [
                                        "tok_per_s_vs_bench": float}),
     Step("fp16", step_fp16, 30, 6, {**TRAIN_FIELDS, "dtype": str, "overflow_steps": int,
                                     "rel_diff_vs_bf16": float, "close_to_bf16": bool}),
+    Step("resume", step_resume, 45, 15, {
+        "command_ref": str, "command_cut": str, "device": str, "steps": int, "resumed_at": int, "zero1": bool,
+        "fused_adamw": bool, "restarted": bool, "losses_ref": list, "losses_resumed": list, "losses_bit_equal": bool,
+        "bit_equal_before_resume": bool, "first_diff_step": int, "max_abs_diff": float,
+        "max_abs_diff_before_resume": float, "weights_bit_equal": bool, "optimizer_bit_equal": bool,
+        "max_abs_diff_weights": float, "bit_equal": bool}),
     Step("profile", step_profile, 45, 5, {"device_kind": str, "time_ms_per_step": float, "by_kind": dict,
                                           "attention_kernel": str, "flash_attention": bool, "top": list,
                                           "busy_share_of_step": float}),
+    Step("flex_recompiles", step_flex_recompiles, 120, 6, {
+        "command": str, "attention": str, "compile": bool, "steps": int, "warmup_steps": int, "loss_first": float,
+        "loss_last": float, "finite": bool, "first_step_s": float, "tok_per_s_median": float, "recompiles": int,
+        "recompiles_after_warmup": int, "graph_breaks": int, "graph_breaks_after_warmup": int,
+        "recompile_reasons": list, "recompile_limit_hit": bool}),
     Step("bench_batch2x", step_bench_batch2x, 100, 4, BENCH_FIELDS),
     Step("bench_cudagraphs", step_bench_cudagraphs, 80, 4, BENCH_FIELDS),
     Step("bench_vs_plain", step_bench_vs_plain, 40, 5, {**BENCH_FIELDS, "vs_plain_ratio_median": float}),
+    # last: it takes whatever the budget has left (the estimate is the least worth starting with)
+    Step("pytest", step_pytest, 60, 8, {"command": str, "gpu_visible": bool, "finished": bool, "selected": int,
+                                        "ran": int, "passed": int, "failed": int, "errors": int, "skipped": int,
+                                        "not_run": int, "failures": list, "skip_reasons": list}),
 ]
 
 
@@ -583,6 +807,35 @@ def child_env(out: str) -> None:
     r.update(ceiling_dtype="bf16", ceiling_n=n, ceiling_iters=iters,
              ceiling_tflops=common.measure_matmul_tflops(device, torch.bfloat16, n=n, iters=iters))
     Path(out).write_text(json.dumps(r))
+
+
+def child_compare_checkpoints(out: str, a: str, b: str) -> None:
+    """Whether two train.py checkpoints hold bit-equal weights and AdamW state; the largest weight difference."""
+    import torch
+
+    from checkpoint import load_checkpoint
+
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+
+    def leaves(x: object) -> list:
+        if isinstance(x, dict):
+            return [v for k in sorted(x, key=str) for v in leaves(x[k])]
+        return [v for y in x for v in leaves(y)] if isinstance(x, (list, tuple)) else [x]
+
+    def equal(x: object, y: object) -> bool:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        return x == y
+
+    ma, mb = ca["model"], cb["model"]
+    same_keys = ma.keys() == mb.keys()
+    oa, ob = leaves(ca["optimizer"]["state"]), leaves(cb["optimizer"]["state"])
+    Path(out).write_text(json.dumps({
+        "model_equal": same_keys and all(equal(ma[k], mb[k]) for k in ma),
+        "model_max_abs_diff": max(((ma[k].float() - mb[k].float()).abs().max().item() for k in ma if k in mb),
+                                  default=0.0),
+        "optimizer_equal": len(oa) == len(ob) and all(equal(x, y) for x, y in zip(oa, ob)),
+        "fused": bool(ca["optimizer"]["param_groups"][0].get("fused")), "steps": [ca["step"], cb["step"]]}))
 
 
 def child_profile(out: str, *bench_argv: str) -> None:
@@ -697,6 +950,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shakespeare-path", help="Tiny Shakespeare text for prepare_data.py")
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of the train runs "
                    "(default 40; 10 in rehearsal)")
+    p.add_argument("--pytest-args", help="what the pytest step runs (default: tests; rehearsal: "
+                   f"{REHEARSAL_TESTS})")
     p.add_argument("--top", type=int, default=15, help="rows of the profile table (default 15)")
     p.add_argument("--list", action="store_true", help="print the steps and their estimates, run nothing")
     args = p.parse_args(argv)

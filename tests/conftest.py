@@ -7,8 +7,11 @@ the tests use it instead of the sample, and the few checks that need a complete 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import shlex
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,76 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU tests stay on the CPU on a GPU machine too. In a test not marked cuda, in-process code sees no CUDA, and
+# a subprocess that runs one of the scripts below must pin the CPU on its command line or hide the GPU
+# (hide_gpu), else the test fails before the process starts (cpu_only). Otherwise a CPU test would run on CUDA where
+# one is visible: rank 1 of a 2-process run asks for cuda:1 on a 1-GPU box, and exact comparisons meet TF32
+# and other kernels. tests/test_cpu_pinning.py keeps the table complete (every script that mentions CUDA).
+
+CPU_PINS: dict[str, tuple[tuple[str, ...], ...]] = {  # script name -> the argument runs that pin the CPU
+    "train.py": (("--device=cpu",),),
+    "fault_launcher.py": (("--device=cpu",),),  # tests/fault_launcher.py runs train.main
+    "bench.py": (("--device", "cpu"), ("--device=cpu",)),
+    "sample.py": (("--device", "cpu"), ("--device=cpu",)),
+    "eval_hellaswag.py": (("--device", "cpu"), ("--device=cpu",)),
+    "eval_lm.py": (("--device", "cpu"), ("--device=cpu",)),
+    "gpu_check.py": (("--rehearse",),),  # the rehearsal hides the GPU from its children itself
+    "ablate.py": (),  # --set=device=cpu pins its training runs, not its HellaSwag evaluation: hide_gpu
+    "reproduce_cpu.sh": (),  # its train.py commands take no device: hide_gpu
+}
+
+
+def hide_gpu(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A subprocess environment (default: this one's) in which CUDA sees no device."""
+    return {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def unpinned(args: str | Sequence[object], env: Mapping[str, str] | None) -> str | None:
+    """Why this command would reach a GPU (a CPU_PINS script without its pin, GPU not hidden), or None."""
+    argv = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
+    i = next((i for i, a in enumerate(argv) if Path(a).name in CPU_PINS), None)
+    if i is None or (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return None
+    script, rest = Path(argv[i]).name, argv[i + 1:]
+    pins = CPU_PINS[script]
+    if any(rest[j:j + len(pin)] == list(pin) for pin in pins for j in range(len(rest))):
+        return None
+    how = " or ".join(" ".join(pin) for pin in pins)
+    return (f"a CPU test runs {script} without pinning the CPU: add {how + ' or ' if how else ''}"
+            f"env=hide_gpu(...) (tests/conftest.py), or mark the test cuda: {shlex.join(argv)[:300]}")
+
+
+class _PinnedPopen(subprocess.Popen):
+    """subprocess.Popen that refuses an unpinned command (see unpinned)."""
+
+    def __init__(self, args: object, *a: object, **kw: object) -> None:
+        env = kw.get("env", a[9] if len(a) > 9 else None)  # env is Popen's 11th parameter, after args
+        problem = unpinned(args, env)  # type: ignore[arg-type]
+        if problem:
+            pytest.fail(problem, pytrace=False)
+        super().__init__(args, *a, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """Inside: torch.cuda.is_available() is False (every device="auto" picks the CPU) and subprocess.Popen
+    refuses an unpinned command."""
+    saved = torch.cuda.is_available, subprocess.Popen
+    torch.cuda.is_available, subprocess.Popen = (lambda: False), _PinnedPopen
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, subprocess.Popen = saved
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Every test not marked cuda runs cpu_only: setup (module fixtures included), call and teardown."""
+    with contextlib.nullcontext() if item.get_closest_marker("cuda") else cpu_only():
+        return (yield)
 
 
 def shared_file(rel: str) -> Path:

@@ -19,6 +19,7 @@ import pytest
 import ablate
 from _shards import markov_dataset
 from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import hide_gpu
 from errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,9 +30,9 @@ TINY = ["model_overrides.vocab_size=64", "model_overrides.n_layer=1", "model_ove
         "warmup_steps=2", "eval_interval=3", "eval_tokens=64", "log_interval=1", "device=cpu"]
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "WANDB_MODE": "disabled"}
+def env() -> dict:  # the GPU hidden: ablate.py's HellaSwag column evaluates on CUDA where it sees one
+    return hide_gpu({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "WANDB_MODE": "disabled"})
 
 
 def sweep_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

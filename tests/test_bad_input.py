@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from _shards import markov_dataset, markov_tokens, write_dataset
+from conftest import hide_gpu
 from test_train import args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def world(prev, tmp_path) -> tuple[Path, Path]:
 
 
 def cli(script: str, *argv: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = hide_gpu({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 

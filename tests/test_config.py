@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _shards import markov_dataset
+from conftest import hide_gpu
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import param_groups
@@ -111,7 +112,7 @@ def test_weight_decay_groups():
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=hide_gpu())
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
@@ -123,7 +124,8 @@ def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
 def test_cli_errors(tmp_path):
     data = markov_dataset(tmp_path / "data", train_tokens=4000, val_tokens=2000)
     ok = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--model_overrides={TINY}", "--max_steps=2",
-          "--micro_batch=2", "--seq_len=16", "--total_batch_tokens=64", "--eval_interval=0", "--dtype=fp32"]
+          "--micro_batch=2", "--seq_len=16", "--total_batch_tokens=64", "--eval_interval=0", "--dtype=fp32",
+          "--device=cpu"]
     bad_syntax = tmp_path / "bad.py"
     bad_syntax.write_text("lr = = 3\n")
     unknown = tmp_path / "unknown.py"

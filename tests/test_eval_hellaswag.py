@@ -17,6 +17,7 @@ import torch
 from checkpoint import load_model
 from conftest import (
     REPO,
+    hide_gpu,
     save_tiny_gpt,  # noqa: E402
     shared_file,
 )
@@ -159,7 +160,7 @@ def test_torchrun_two_ranks_equal_single_process(tiny: dict, tmp_path: Path) -> 
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = hide_gpu({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, str(REPO / "eval_hellaswag.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=env)
 

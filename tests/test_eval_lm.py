@@ -17,6 +17,7 @@ from checkpoint import load_model, save_checkpoint
 from conftest import (
     REPO,
     SAMPLE_DATA,
+    hide_gpu,
     save_tiny_gpt,  # noqa: E402
     shared_file,
 )
@@ -115,7 +116,7 @@ def test_wikitext_documents_split_like_the_hub_dataset(shared_data: Path) -> Non
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = hide_gpu({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, str(REPO / "eval_lm.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=env)
 

@@ -42,7 +42,7 @@ def test_clone_prepares_shakespeare_and_trains(tmp_path: Path) -> None:
         "train": [(297_121, 6_497)], "val": [(33_686, 725)]}
 
     r = run("train.py", "config/shakespeare_cpu.py", "--max_steps=3", "--eval_interval=3", "--log_interval=1",
-            "--ckpt_interval=0", "--out_dir=out/fresh")
+            "--ckpt_interval=0", "--out_dir=out/fresh", "--device=cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     # the README quickstart's first lines: the same init, data and first batch give the same losses
     assert "step 0: val loss 10.8363" in r.stdout, r.stdout

@@ -74,9 +74,9 @@ def test_rehearsal_runs_every_step_and_writes_every_field(tmp_path: Path) -> Non
     assert eager["mfu"] is None and eager["mfu_vs_ceiling"] > 0
     assert r["bench_compiled"]["compile"] is False and "rehearsal" in recs[2]["nulls"]["compile_s"]
     assert r["bench_compiled"]["speedup_vs_eager"] > 0
-    tests = r["cuda_tests"]
-    assert tests["selected"] > 0 and tests["skipped"] == tests["selected"]  # no GPU here
-    assert "tests/test_fast_paths.py" in tests["files"]
+    cuda_tests = r["cuda_tests"]
+    assert cuda_tests["selected"] > 0 and cuda_tests["skipped"] == cuda_tests["selected"]  # no GPU here
+    assert "tests/test_fast_paths.py" in cuda_tests["files"]
     train, fp = r["train"], r["fp16"]
     assert len(train["losses"]) == train["steps"] == 10 and train["loss_fell"] and train["finite"]
     assert train["loss_last5_mean"] < 0.95 * train["loss_first"]
@@ -87,6 +87,17 @@ def test_rehearsal_runs_every_step_and_writes_every_field(tmp_path: Path) -> Non
     assert prof["busy_share_of_step"] is None  # a GPU figure
     assert "aten::" in (tmp_path / "out" / "profile.txt").read_text()
     assert r["bench_vs_plain"]["vs_plain_ratio_median"] > 0
+    res = r["resume"]  # the uninterrupted run vs the crashed-and-restarted one: bit-equal on CPU
+    assert res["restarted"] and res["zero1"] and res["fused_adamw"] and (res["steps"], res["resumed_at"]) == (8, 4)
+    assert res["losses_resumed"] == res["losses_ref"] and len(res["losses_ref"]) == 8
+    assert res["bit_equal"] and res["max_abs_diff"] == 0 and res["first_diff_step"] is None
+    assert "--zero1=true" in res["command_cut"] and "--init_from=auto" in res["command_cut"]
+    flex = r["flex_recompiles"]
+    assert flex["steps"] == 6 and flex["finite"] and flex["attention"] == "sdpa" and flex["recompiles"] is None
+    assert "doc_mask" in recs[[s.name for s in gpu_check.STEPS].index("flex_recompiles")]["summary"]
+    tests = r["pytest"]
+    assert tests["finished"] and tests["ran"] == tests["selected"] == tests["passed"] > 0 and not tests["failures"]
+    assert tests["gpu_visible"] is False and tests["not_run"] == 0
     print(f"rehearsal: {seconds:.0f} s")
 
 
@@ -136,6 +147,50 @@ def alive(pid: int) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+@pytest.mark.slow
+def test_pytest_step_cut_at_the_budget_reports_what_ran(tmp_path: Path) -> None:
+    """When the budget ends mid-suite, pytest is interrupted (SIGINT), still writes its report, and the step
+    records the tests that ran and how many did not: a cut-short suite is not an error."""
+    sel = "tests/test_cpu_pinning.py tests/test_bad_input.py"  # 22 fast tests, then slow ones
+    t0 = time.monotonic()
+    proc, recs = run_check(tmp_path, "--rehearse", "--only", "pytest", "--budget-s", "40", "--pytest-args", sel)
+    assert time.monotonic() - t0 < 70, proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (rec,) = recs
+    assert rec["status"] == "ok", (rec["reason"], rec["log_tail"])
+    res = rec["result"]
+    assert not res["finished"] and res["ran"] >= 22 and res["failed"] == res["errors"] == 0
+    assert res["not_run"] > 0 and res["selected"] == res["ran"] + res["not_run"]
+    assert "cut at the budget" in rec["summary"]
+
+
+def test_dynamo_events_counts_real_recompiles_and_graph_breaks(tmp_path: Path) -> None:
+    """dynamo_events on torch's own TORCH_LOGS output: a function with a graph break, compiled for fixed shapes
+    and called at sizes 3, 3, 4, 5, 5 (one step each), recompiles both of its frames at sizes 4 and 5."""
+    script = tmp_path / "recompiles.py"
+    script.write_text(
+        "import torch\n"
+        "@torch.compile(backend='eager', dynamic=False)\n"
+        "def f(x):\n"
+        "    if x.sum() > 0:  # data-dependent: a graph break\n"
+        "        return x * 2\n"
+        "    return x + 1\n"
+        "for i, n in enumerate([3, 3, 4, 5, 5]):\n"
+        "    f(torch.ones(n))\n"
+        "    print(f'step {i}/5 | loss 1.0', flush=True)\n")
+    env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    r = gpu_check.dynamo_events(proc.stdout, warmup=2)
+    assert (r["recompiles"], r["recompiles_after_warmup"]) == (4, 4)
+    assert (r["graph_breaks"], r["graph_breaks_after_warmup"]) == (3, 2)
+    assert len(r["recompile_reasons"]) == 4 and all("size mismatch" in x for x in r["recompile_reasons"])
+    assert not r["recompile_limit_hit"]
+    late = gpu_check.dynamo_events(proc.stdout, warmup=4)  # after step 3: nothing new
+    assert (late["recompiles"], late["recompiles_after_warmup"], late["graph_breaks_after_warmup"]) == (4, 0, 0)
 
 
 def test_shape_is_the_configs() -> None:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from common import Dist  # noqa: E402
-from conftest import SAMPLE_DATA, SHARED_DATA  # noqa: E402
+from conftest import SAMPLE_DATA, SHARED_DATA, hide_gpu  # noqa: E402
 from data import TokenLoader, load_meta  # noqa: E402
 from monitor import read_metrics  # noqa: E402
 from train import estimate_val_loss  # noqa: E402
@@ -53,8 +53,8 @@ SMOKE_DATA = SHARED_DATA if all((SHARED_DATA / rel).is_file() for rel in SMOKE_F
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("repro") / "out"
-    env = {**os.environ, "OUT": str(out), "SHARED_DATA_DIR": str(SMOKE_DATA), "SEEDS": "1337",
-           "TASKS": "lambada_openai,wikitext", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = hide_gpu({**os.environ, "OUT": str(out), "SHARED_DATA_DIR": str(SMOKE_DATA), "SEEDS": "1337",
+                    "TASKS": "lambada_openai,wikitext", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_cpu.sh"), "--smoke"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -119,7 +119,8 @@ def test_same_seed_same_losses(smoke: Path, tmp_path: Path) -> None:  # depends 
     import train
 
     saved = load_checkpoint(smoke / "baseline_s1337" / "ckpt.pt")["train_config"]
-    cfg = dataclasses.replace(train.TrainConfig(**saved), out_dir=str(tmp_path / "again"), init_from="scratch")
+    cfg = dataclasses.replace(train.TrainConfig(**saved), out_dir=str(tmp_path / "again"), init_from="scratch",
+                              device="cpu")  # the smoke run's CPU (its saved device is "auto")
     again = train.train(cfg)["losses"]
     recs = read_metrics(smoke / "baseline_s1337")
     assert again == [r["loss"] for r in recs if "loss" in r]

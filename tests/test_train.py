@@ -251,13 +251,15 @@ def test_shakespeare_quickstart_learns(shakespeare, tmp_path):
     plot.py run on the result."""
     out = tmp_path / "shk"
     r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "config/shakespeare_cpu.py"),
-                        f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=50", "--eval_interval=50"],
+                        f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=50", "--eval_interval=50",
+                        "--device=cpu"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     _, val = metrics(out)
     assert val[0][1] > 10.5 and val[-1][1] < 6.4, val
     s = subprocess.run([sys.executable, str(REPO / "sample.py"), str(out / "ckpt.pt"), "--prompt", "ROMEO:",
-                        "--max_new_tokens", "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--max_new_tokens", "20", "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
     assert s.returncode == 0 and s.stdout.startswith("ROMEO:") and len(s.stdout) > 30, s.stderr
     p = subprocess.run([sys.executable, str(REPO / "plot.py"), str(out)], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
