@@ -19,6 +19,7 @@ compile workers included), with $PYTHON (default python3), offline.
                       fault launcher) and restarted (--max_restarts=1, init_from=auto): losses, weights bit-equal
     profile           torch.profiler over a compiled bench.py run: top kernels, attention kernel, time by kind
     flex_recompiles   flex attention, doc_mask, qk_norm, RoPE, bf16, compiled, 20 steps: recompiles after warm-up
+    autobatch         micro_batch=auto on config/gpt2_owt.py (eager): the largest micro-batch that fits, probes
     bench_batch2x     compiled at twice the micro-batch
     bench_cudagraphs  compiled with mode reduce-overhead (CUDA graphs)
     bench_vs_plain    eager fast step alternated with the plain nanoGPT-style step (bench.py --vs-plain)
@@ -620,6 +621,47 @@ def step_flex_recompiles(c: Check) -> dict:
 REHEARSAL_TESTS = "tests/test_cpu_pinning.py::test_unpinned_commands_are_refused"
 
 
+def child_autobatch(out: str, config: str, *overrides: str) -> None:
+    """autobatch.search_micro_batch on a config as train.py would run it (eager: each compiled probe would
+    recompile from scratch); what it chose and tried, and that it left no memory behind."""
+    import torch
+
+    import train
+    from autobatch import search_micro_batch
+    from common import Dist, configure_backends
+    from model import GPT
+    from train_config import load_config
+
+    cuda = torch.cuda.is_available()
+    configure_backends(tf32=cuda)
+    cfg = load_config([config, "--micro_batch=auto", "--compile=false", *overrides])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    s = search_micro_batch(GPT(cfg.model_config()), cfg, Dist(device=torch.device("cuda" if cuda else "cpu")),
+                           train.train_step, train.build_optimizer)
+    Path(out).write_text(json.dumps({
+        "config": config, "seq_len": cfg.seq_len, "micro_batch": s.micro_batch, "tried": s.tried,
+        "seconds": time.perf_counter() - t0,
+        "memory_allocated_after": torch.cuda.memory_allocated() if cuda else None,
+        "memory_reserved_after": torch.cuda.memory_reserved() if cuda else None}))
+
+
+def step_autobatch(c: Check) -> dict:
+    if c.rehearse:  # no GPU memory to probe: a tiny model through the same search (CPU: no probe at all)
+        model = ",".join(f"--model_overrides.{k}={v}" for k, v in REHEARSAL_MODEL.items()).split(",")
+        r = c.child("autobatch", "child_autobatch", "config/gpt2_owt.py", *model, "--seq_len=64",
+                    "--total_batch_tokens=1024", cap_s=120)
+    else:
+        r = c.child("autobatch", "child_autobatch", "config/gpt2_owt.py", cap_s=300)
+    r["summary"] = f"micro_batch {r['micro_batch']} at seq {r['seq_len']} (tried {r['tried']}, {r['seconds']:.0f} s)"
+    if r["memory_allocated_after"]:
+        raise StepError(f"the search left {r['memory_allocated_after']} bytes allocated")
+    for k in ("memory_allocated_after", "memory_reserved_after"):
+        if r[k] is None:
+            r[k] = na("no GPU")
+    return r
+
+
 def step_pytest(c: Check) -> dict:
     """The test suite (but the cuda tests, run by cuda_tests) with the GPU visible, in whatever budget is left:
     at the end of it pytest is interrupted (SIGINT: it still writes its report) and the counts are of the
@@ -759,6 +801,9 @@ STEPS = [
         "loss_last": float, "finite": bool, "first_step_s": float, "tok_per_s_median": float, "recompiles": int,
         "recompiles_after_warmup": int, "graph_breaks": int, "graph_breaks_after_warmup": int,
         "recompile_reasons": list, "recompile_limit_hit": bool}),
+    Step("autobatch", step_autobatch, 60, 6, {"config": str, "seq_len": int, "micro_batch": int, "tried": list,
+                                              "seconds": float, "memory_allocated_after": int,
+                                              "memory_reserved_after": int}),
     Step("bench_batch2x", step_bench_batch2x, 100, 4, BENCH_FIELDS),
     Step("bench_cudagraphs", step_bench_cudagraphs, 80, 4, BENCH_FIELDS),
     Step("bench_vs_plain", step_bench_vs_plain, 40, 5, {**BENCH_FIELDS, "vs_plain_ratio_median": float}),
