@@ -86,6 +86,11 @@ def split_tokens(data_dir: str | Path, split: str) -> int:
     return sum(e["tokens"] for e in load_meta(data_dir)["splits"].get(split, []))
 
 
+def bad_id_error(f: str | Path, top: int, vocab_size: int) -> DataError:
+    return DataError(f"shard {f} contains token id {top} >= vocab_size {vocab_size} of meta.json: corrupt or "
+                     "another tokenizer's tokens; re-run prepare_data.py --overwrite")
+
+
 # ----------------------------------------------------------------------------------------------------
 # TokenLoader: (x, y) batches for training, sharded across DDP ranks, resumable
 
@@ -109,21 +114,26 @@ class TokenLoader:
     enough, and a run can resume with a different world size.
     """
 
+    rows = "packed"  # TrainConfig.rows; seed_rows.py has the other row formats
+
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.shards = open_split(data_dir, split)
         self.vocab_size = int(load_meta(data_dir).get("vocab_size", 50257))
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         rows = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
         self.row_start = np.concatenate(([0], np.cumsum(rows)))  # global row index of each shard's row 0
-        self.n_rows = int(self.row_start[-1])
-        if self.n_rows < batch_size * world_size:
-            raise DataError(f"{data_dir} split {split!r} has {self.n_rows} rows of {seq_len + 1} tokens, fewer "
-                            f"than one batch needs ({batch_size} x {world_size} ranks); use a smaller "
-                            "micro_batch / seq_len or more data")
+        self._start(int(self.row_start[-1]), f"rows of {seq_len + 1} tokens", f"{data_dir} split {split!r}")
+
+    def _start(self, n_rows: int, what: str, where: str) -> None:
+        """Set the number of rows of an epoch and go to its start (also for seed_rows.py's row formats)."""
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} not in [0, {self.world_size})")
+        self.n_rows = n_rows
+        if n_rows < self.B * self.world_size:
+            raise DataError(f"{where} has {n_rows} {what}, fewer than one batch needs ({self.B} x "
+                            f"{self.world_size} ranks); use a smaller micro_batch / seq_len or more data")
         self.epoch, self.pos = 0, 0
         self._order = self._epoch_order(0)
 
@@ -137,19 +147,23 @@ class TokenLoader:
         start = (g - int(self.row_start[s])) * self.T
         return self.shards[s][start : start + self.T + 1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_rows(self) -> np.ndarray:
+        """The next global micro-batch: B * world_size row indices, of which rank r reads [r*B, (r+1)*B)."""
         need = self.B * self.world_size
         if self.pos + need > self.n_rows:  # epoch ends: drop the remainder so every rank stays in step
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        mine = self._order[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
+        rows = self._order[self.pos : self.pos + need]
         self.pos += need
+        return rows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = self._next_rows()[self.rank * self.B : (self.rank + 1) * self.B]
         buf = torch.from_numpy(np.stack([self._row(int(g)) for g in mine]).astype(np.int64))
         if int(buf.max()) >= self.vocab_size:  # per batch: cheap, unlike scanning a 10B-token split up front
             g = int(mine[int(buf.amax(dim=1).argmax())])
             f = self.shards[int(np.searchsorted(self.row_start, g, side="right")) - 1].filename
-            raise DataError(f"shard {f} contains token id {int(buf.max())} >= vocab_size {self.vocab_size} of "
-                            "meta.json: corrupt or another tokenizer's tokens; re-run prepare_data.py --overwrite")
+            raise bad_id_error(f, int(buf.max()), self.vocab_size)
         return buf[:, :-1], buf[:, 1:]
 
     def __iter__(self) -> TokenLoader:
@@ -162,6 +176,9 @@ class TokenLoader:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_rows": self.n_rows, "seq_len": self.T}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("rows", "packed") != self.rows:  # TokenLoader's own state has no "rows": packed
+            raise DataError(f"the checkpoint's data position is for rows={state.get('rows', 'packed')!r}, this "
+                            f"config reads rows={self.rows!r}: resume with the same rows setting")
         if state["n_rows"] != self.n_rows or state["seq_len"] != self.T or state["seed"] != self.seed:
             raise DataError(f"the checkpoint's data position (rows={state['n_rows']}, seq_len={state['seq_len']}, "
                             f"seed={state['seed']}) does not fit this dataset/config (rows={self.n_rows}, "

@@ -56,6 +56,7 @@ from model import GPT, GPTConfig
 from monitor import RunLog, StepTimer, StopFlag, step_line, step_record
 from optim import build_optimizer, load_optimizer_state
 from run_lock import run_lock
+from seed_rows import train_loader
 from train_config import ConfigError, TrainConfig, describe_fields, load_config
 
 
@@ -260,7 +261,7 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "fp16")
     autocast = autocast_context(d.device.type, cfg.dtype)
 
-    loader = TokenLoader(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, d.rank, d.world_size, seed=cfg.seed)
+    loader = train_loader(cfg, d.rank, d.world_size)  # rows: packed (TokenLoader) or seed_rows.py's formats
     step, tokens_seen, best_val, best_step, wandb_id = 0, 0, float("inf"), -1, None
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt["optimizer"])  # the full (consolidated) state, on every rank
@@ -399,6 +400,8 @@ def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict
             last_step, last_lr, last = window[-1]
             rec = step_record(last_step, tokens_seen, last_lr, values[-1], seconds, cfg.total_batch_tokens,
                               flops_per_token, peak, d)
+            # targets the loss saw, over all ranks: seed rows leave out their padding; packed rows have none
+            rec["loss_tokens"] = loader.loss_tokens if cfg.rows == "seed512" else tokens_seen
             if first_log:  # the first step of a process pays for warm-up (and compilation): reported apart
                 rec["first_step_s"], first_log = seconds[0], False
             if last.aux_loss is not None:

@@ -41,6 +41,13 @@ class TrainConfig:
     micro_batch: int | Literal["auto"] = 16
     seq_len: int = 1024
     total_batch_tokens: int = 524_288  # 2**19, GPT-3 small's 0.5M tokens
+    # training rows (seed_rows.py, docs/seed_pipeline.md): packed = seq_len-token rows cut from the token stream;
+    # seed512 = the seed project's rows: each document cut into 512-token windows, padded per micro-batch (needs
+    # seq_len=512; tokens counts 512 per row); packed_filtered = packed rows of only the tokens seed512 keeps.
+    # Validation always reads packed val rows, so val_loss compares across row formats.
+    rows: str = "packed"
+    seed_min_tokens: int = 256  # seed512 / packed_filtered: drop windows of fewer real tokens (0 = keep all)
+    seed_loss_on_padding: bool = False  # seed512: the loss also trains on the EOS padding (else it is ignored)
     # exactly one of max_steps / max_tokens must be > 0 (max_steps = ceil(max_tokens / total_batch_tokens));
     # max_steps=0 with max_tokens=0 writes the step-0 checkpoint and stops
     max_steps: int = -1
@@ -121,6 +128,14 @@ class TrainConfig:
             raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer={self.optimizer!r}: choose adamw or muon")
+        if self.rows not in ("packed", "seed512", "packed_filtered"):
+            raise ConfigError(f"rows={self.rows!r}: choose packed, seed512 or packed_filtered")
+        if self.rows == "seed512" and self.seq_len != 512:
+            raise ConfigError(f"rows=seed512 cuts the seed's 512-token windows: set seq_len=512, not {self.seq_len}")
+        if not 0 <= self.seed_min_tokens <= 512:
+            raise ConfigError(f"seed_min_tokens={self.seed_min_tokens} must be in [0, 512] (the seed's window)")
+        if self.seed_loss_on_padding and self.rows != "seed512":
+            raise ConfigError("seed_loss_on_padding=True needs rows=seed512 (only seed rows are padded)")
         if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
             raise ConfigError(f"muon_adjust_lr={self.muon_adjust_lr!r}: choose original or match_rms_adamw")
         if not 0.0 <= self.muon_momentum < 1.0:
