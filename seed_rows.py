@@ -211,3 +211,32 @@ def train_loader(cfg: TrainConfig, rank: int, world_size: int) -> TokenLoader:
         return PackedFilteredLoader(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, cfg.seed_min_tokens,
                                     rank, world_size, seed=cfg.seed)
     return TokenLoader(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, rank, world_size, seed=cfg.seed)
+
+
+def row_stats(data_dir: str | Path, min_tokens: int = 256, micro_batch: int = 16, batches: int = 200) -> None:
+    """Print what the row formats make of a prepared train split: documents, windows kept by the filter, loss
+    targets per epoch, and the padding of seed512 micro-batches (first `batches` of seed 1337)."""
+    docs = SplitDocuments(open_split(data_dir, "train"), int(load_meta(data_dir).get("eot", 50256)))
+    n_tok = int(docs.length.sum())
+    print(f"train: {len(docs.length):,} documents, {n_tok:,} tokens besides their EOTs, median document "
+          f"{int(np.median(docs.length)):,} tokens")
+    for m in sorted({min_tokens, 0}, reverse=True):
+        doc, _, length = seed_windows(docs.length, SEED_MAX_LENGTH, m)
+        n_docs = len(np.unique(doc))
+        print(f"seed512 seed_min_tokens={m}: {len(length):,} rows ({np.mean(length == SEED_MAX_LENGTH):.1%} full), "
+              f"{int(length.sum()):,} tokens ({length.sum() / n_tok:.1%}) of {n_docs:,} documents "
+              f"({n_docs / len(docs.length):.1%}); {int(np.maximum(length - 1, 0).sum()):,} loss targets per epoch")
+    packed = TokenLoader(data_dir, "train", micro_batch, SEED_MAX_LENGTH)
+    filtered = PackedFilteredLoader(data_dir, "train", micro_batch, SEED_MAX_LENGTH, min_tokens)
+    print(f"seq_len={SEED_MAX_LENGTH}: packed {packed.n_rows * SEED_MAX_LENGTH:,} loss targets per epoch, "
+          f"packed_filtered(seed_min_tokens={min_tokens}) {filtered.n_rows * SEED_MAX_LENGTH:,}")
+    loader = SeedRowLoader(data_dir, "train", micro_batch, min_tokens=min_tokens, seed=1337)
+    width = [loader.next_batch()[0].size(1) + 1 for _ in range(batches)]
+    print(f"seed512 micro_batch={micro_batch}, {batches} batches: padded to {np.mean(width):.1f} tokens on average; "
+          f"{loader.loss_tokens / (batches * micro_batch * (SEED_MAX_LENGTH - 1)):.1%} of 511 targets per row are real")
+
+
+if __name__ == "__main__":  # python seed_rows.py data/wiki [seed_min_tokens]
+    import sys
+
+    row_stats(sys.argv[1], *(int(a) for a in sys.argv[2:3]))
