@@ -591,7 +591,7 @@ def step_flex_recompiles(c: Check) -> dict:
              "qk_norm": True, "pos": "rope"}
     out_dir = c.work / "flex_recompiles"
     argv = [c.py, "train.py", *train_args(c, out_dir, n, B, T, "bf16", True, model, eval_interval=n // 2,
-                                          eval_iters=2)]
+                                          eval_tokens=2 * B * T)]
     log = c.run("flex_recompiles", argv, cap_s=300, env={"TORCH_LOGS": "recompiles,graph_breaks"})
     (out_dir / "ckpt.pt").unlink(missing_ok=True)
     rows = loss_rows(out_dir, log)
