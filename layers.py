@@ -132,21 +132,6 @@ class SwiGLUMLP(nn.Module):
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
-class ReLU2MLP(nn.Module):
-    """ReLU^2 (So et al. 2021, "Primer"; the MLP of modded-nanogpt and nanochat): Linear(4d, d)(relu(x W)^2),
-    GPT-2's two matrices and width with GELU replaced by a squared ReLU."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        hidden = cfg.mlp_hidden or 4 * cfg.n_embd
-        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
-
-
 class MoEMLP(nn.Module):
     """Mixture of experts with token-choice top-k routing, as in Mixtral: a linear router scores the experts
     (`expert(cfg)` modules, GPT-2's MLP in model.MLPS) for each token, the token goes to its k best, and their

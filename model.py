@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from attention import ATTENTION_KERNELS, document_positions
 from errors import UserError
-from layers import NORMS, PLACEMENTS, POSITIONS, MoEMLP, ReLU2MLP, Rope, SwiGLUMLP, apply_rope, make_norm
+from layers import NORMS, PLACEMENTS, POSITIONS, MoEMLP, Rope, SwiGLUMLP, apply_rope, make_norm
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -142,6 +142,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class ReLU2MLP(MLP):
+    """Ablation: ReLU^2 (So et al. 2021, "Primer"; modded-nanogpt's and nanochat's MLP), GELU replaced by relu(x)^2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
 
 
 MLPS = {"gelu": MLP, "swiglu": SwiGLUMLP, "relu2": ReLU2MLP,
