@@ -2,14 +2,17 @@
 table (OUT/results.md) and validation-loss curves (OUT/results.png).
 
     python ablate.py --preset cpu                                    # config/ablations/*.py -> out/ablations_cpu/
+    python ablate.py --preset learn --jobs 2                         # config/ablations_learn/*.py, 2-3 seeds each
     python ablate.py config/ablations/baseline.py config/ablations/rope.py --out-dir out/abl
     python ablate.py config/ablations/baseline.py@1338 ...           # CONFIG@SEED: the same config, another seed
     python ablate.py --preset cpu --set max_steps=20                 # train.py --key=value for every run
     python ablate.py --preset cpu --hellaswag-limit 500 --hellaswag-data <mirror>/hellaswag_val.jsonl
 
 Each run is its own process, `python train.py CONFIG [--key=value ...] --out_dir=OUT/NAME [--seed=S]`, and
-every number in the table is read back from OUT/NAME/metrics.jsonl (and ckpt.pt for HellaSwag). The preset
-adds the baseline with a second seed, so the table shows how far two seeds of one config land apart.
+every number in the table is read back from OUT/NAME/metrics.jsonl (and ckpt.pt for HellaSwag). Runs of one
+config file are one variant: the table gives its mean ± std over seeds, the difference from the first config's
+mean with its standard error, and its token efficiency (the tokens it needs to reach the baseline's mean final
+val loss, over the baseline's tokens). A preset runs each config with its own seed plus extra seeds (SEEDS).
 
 Skip / resume: a run whose OUT/NAME/ablate.json records the same resolved TrainConfig, and whose metrics.jsonl
 has the final val loss, is not run again; a run stopped after a checkpoint (Ctrl-C, SIGTERM) continues with
@@ -27,7 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +39,23 @@ import plot
 from errors import ArgumentParser, UserError, run_main
 
 REPO = Path(__file__).resolve().parent
-PRESETS = {"cpu": ("config/ablations", "out/ablations_cpu", [1338])}  # folder, out dir, extra baseline seeds
+EXTRA_SEEDS = (1338, 1339, 1340, 1341)  # a preset's 2nd, 3rd, ... seed of a config (the 1st is the config's own)
+
+
+@dataclass(frozen=True)
+class Preset:
+    folder: str  # every *.py in it is one variant; baseline.py is the reference
+    out_dir: str
+    seeds: int = 1  # seeds per variant
+    more_seeds: dict[str, int] = field(default_factory=dict)  # variant -> seeds, where it differs from `seeds`
+
+
+PRESETS = {
+    "cpu": Preset("config/ablations", "out/ablations_cpu", 1, {"baseline": 2}),
+    # 3 seeds where the comparison matters most (the reference, the recipe, its optimizer, the one data change)
+    "learn": Preset("config/ablations_learn", "out/ablations_learn", 2,
+                    {"baseline": 3, "modern": 3, "muon": 3, "doc_mask": 3}),
+}
 # Fields that must agree across runs for the comparison to mean anything (seed may differ only via @SEED).
 SAME_FOR_ALL = ("data_dir", "max_steps", "max_tokens", "total_batch_tokens", "seq_len", "eval_interval",
                 "eval_tokens")
@@ -89,6 +109,7 @@ def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, d
     if not configs:
         raise UserError("no configs given; pass config files (e.g. config/ablations/*.py) or --preset cpu")
     runs: list[Run] = []
+    params: dict[str, int] = {}  # by model config: seeds of one config build its model once
     for spec in configs:
         path_text, _, seed_text = spec.partition("@")
         path = Path(path_text)
@@ -111,8 +132,9 @@ def plan(configs: list[str], out_dir: Path, sets: list[str], seed: int | None, d
         if not cfg.eval_interval:
             raise UserError(f"{spec}: eval_interval=0 gives no val loss; set it > 0 (--set eval_interval=N)")
         max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / cfg.total_batch_tokens)
-        params = GPT(cfg.model_config()).num_params()
-        runs.append(Run(name, path, argv, cfg, params, max_steps))
+        key = repr(cfg.model_config())
+        params[key] = params.get(key) or GPT(cfg.model_config()).num_params()
+        runs.append(Run(name, path, argv, cfg, params[key], max_steps))
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -163,14 +185,15 @@ class _Signals:
     waits for the child's checkpoint; SIGTERM sent to the sweep is forwarded to the child."""
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen | None = None
+        self.children: set[subprocess.Popen] = set()  # one per --jobs worker
         self.stop = False
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame: object) -> None:
         self.stop = True
-        if signum == signal.SIGTERM and self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
+        for child in list(self.children) if signum == signal.SIGTERM else []:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
         for s, h in self._old.items():
@@ -193,11 +216,12 @@ def train_run(run: Run, state: str, threads: int | None, sig: _Signals) -> tuple
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         # the caller's cwd, as if they ran train.py themselves: relative paths in configs mean the same here
-        sig.child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
-        _, err = sig.child.communicate()
+        child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
+        sig.children.add(child)
+        _, err = child.communicate()
         log.write(err)
-    rc = sig.child.returncode
-    sig.child = None
+    rc = child.returncode
+    sig.children.discard(child)
     last = next((ln for ln in reversed(err.splitlines()) if ln.strip()), "")
     return rc, time.perf_counter() - t0, last
 
@@ -219,40 +243,150 @@ def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+# ---- statistics over seeds (pure functions of the runs' numbers; tests/test_ablate.py checks them by hand)
+
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for a single value)."""
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def diff_se(a: list[float], b: list[float]) -> float | None:
+    """Standard error of mean(a) - mean(b) without assuming equal variances (Welch's): sqrt(sa²/na + sb²/nb).
+    None when either side has one value (its spread is unknown)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Tokens at which a (tokens, val loss) curve first gets down to `target`, linearly interpolated between
+    the two evaluations around the crossing; None if it never does."""
+    for i, (tokens, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return tokens
+            t0, l0 = curve[i - 1]
+            return t0 + (l0 - target) / (l0 - loss) * (tokens - t0)
+    return None
+
+
+def token_efficiency(curves: list[list[tuple[float, float]]], target: float,
+                     ref_tokens: float) -> tuple[float | None, int]:
+    """Mean over seeds of tokens_to_reach(curve, target) / ref_tokens, and how many seeds reach the target
+    (the mean is None unless all do: a seed that never gets there has no token count to average)."""
+    reached = [t for t in (tokens_to_reach(c, target) for c in curves) if t is not None]
+    mean = statistics.mean(reached) / ref_tokens if curves and len(reached) == len(curves) else None
+    return mean, len(reached)
+
+
+def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Pointwise mean over seeds at the evaluations every seed has (the same steps: one eval_interval)."""
+    common = set.intersection(*(set(t for t, _ in c) for c in curves)) if curves else set()
+    return [(t, statistics.mean(dict(c)[t] for c in curves)) for t in sorted(common)]
+
+
+def variant_stats(groups: dict[str, list[dict]], ref_tokens: float) -> dict[str, dict]:
+    """Per variant (name -> its finished runs' summaries, the first variant = the baseline): n, mean/std of
+    final val loss, difference from the baseline's mean ± its standard error, token efficiency."""
+    names = list(groups)
+    base = [r["val_loss"] for r in groups[names[0]]]
+    target = statistics.mean(base) if base else None
+    out = {}
+    for name in names:
+        vals = [r["val_loss"] for r in groups[name]]
+        if not vals:
+            out[name] = {"n": 0}
+            continue
+        mean, std = mean_std(vals)
+        st = {"n": len(vals), "mean": mean, "std": std, "diff": mean - target if target is not None else None,
+              "se": diff_se(vals, base) if name != names[0] else None}
+        if target is not None and name != names[0]:
+            st["efficiency"], st["reached"] = token_efficiency([r["val_curve"] for r in groups[name]], target,
+                                                               ref_tokens)
+        out[name] = st
+    return out
+
+
+def _efficiency_cell(name: str, st: dict, is_base: bool) -> str:
+    if is_base:
+        return "1 (reference)"
+    if not st.get("n"):
+        return "—"
+    if st.get("efficiency") is None:
+        return "not reached" + (f" ({st['reached']}/{st['n']} seeds did)" if st.get("reached") else "")
+    return f"{st['efficiency']:.2f}"
+
+
+def _verdict(st: dict) -> str:
+    if st.get("se") is None or st.get("diff") is None:
+        return "—"
+    z = abs(st["diff"]) / st["se"] if st["se"] > 0 else math.inf
+    word = ("better" if st["diff"] < 0 else "worse") if z > 2 else "within noise"
+    return f"{word} ({z:.1f} SE)"
+
+
 def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command: str,
-                  with_hellaswag: bool) -> tuple[Path, Path]:
-    """results.md (a table, first run = the reference for the delta column) and results.png (val loss vs
-    tokens, one line per run)."""
+                  with_hellaswag: bool, sweep_s: float | None = None) -> tuple[Path, Path]:
+    """results.md (per variant: seeds pooled, the first config = the baseline; then per run) and results.png
+    (mean val loss over seeds vs tokens, one line per variant)."""
     import torch
 
-    base = rows.get(runs[0].name, {}).get("val_loss")
     cfg0 = runs[0].cfg
-    head = ["variant", "params", "final train loss", "final val loss", f"Δ val vs {runs[0].name}", "tokens/s"]
-    if with_hellaswag:
-        head.append("HellaSwag acc_norm")
-    head += ["wall s", "status"]
+    ref_tokens = runs[0].max_steps * cfg0.total_batch_tokens
+    variants: dict[str, list[Run]] = {}
+    for run in runs:
+        variants.setdefault(run.config.stem, []).append(run)
+    finished = {v: [rows[r.name] for r in rs if rows.get(r.name, {}).get("val_loss") is not None]
+                for v, rs in variants.items()}
+    stats = variant_stats(finished, ref_tokens)
+    base_name = runs[0].config.stem
     lines = [
         "# Ablation results",
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}.  ",
-        f"Every run: data `{cfg0.data_dir}`, {runs[0].max_steps} steps x {cfg0.total_batch_tokens:,} tokens, "
-        f"val loss over the first {cfg0.eval_tokens:,} val tokens (the same rows for "
-        "every run).",
+        f"Every run: data `{cfg0.data_dir}`, {runs[0].max_steps} steps x {cfg0.total_batch_tokens:,} tokens "
+        f"= {ref_tokens:,} tokens, val loss over the first {cfg0.eval_tokens:,} val tokens (the same rows for "
+        f"every run) every {cfg0.eval_interval} steps." +
+        (f"  \nThis invocation: {sweep_s:.0f} s wall." if sweep_s is not None else ""),
         "",
-        "Columns: final train loss = the last logged step's batch loss (one batch: noisy); final val loss = at "
-        "the last step; tokens/s = median over logged steps after step 0 (evaluation excluded); wall s = the "
-        "train.py process, start-up and evaluation included.",
+        f"Per variant, over its seeds: final val loss mean ± std (sample std, n - 1); Δ = mean - {base_name}'s "
+        f"mean ± the standard error of that difference (Welch: sqrt(s1²/n1 + s2²/n2)); verdict: better / worse "
+        f"when |Δ| > 2 SE, else within noise (with 2-3 seeds an SE is itself rough: read 2-3 SE as a hint); "
+        f"token efficiency = the tokens the variant needs to reach {base_name}'s mean final val loss (linear "
+        f"interpolation between evaluations, per seed, averaged) / {ref_tokens:,} (< 1: fewer tokens).",
+        "",
+        "| variant | seeds | params | final val loss | Δ vs " + base_name + " | verdict | token efficiency | "
+        "tokens/s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for v, rs in variants.items():
+        st = stats[v]
+        speeds = [rows[r.name]["tok_per_s"] for r in rs if rows.get(r.name, {}).get("tok_per_s")]
+        loss = "—" if not st["n"] else f"{st['mean']:.4f}" + (f" ± {st['std']:.4f}" if st["std"] is not None else "")
+        diff = "—" if st.get("diff") is None or v == base_name else (
+            f"{st['diff']:+.4f}" + (f" ± {st['se']:.4f}" if st["se"] is not None else ""))
+        lines.append(f"| {v} | {st['n']}/{len(rs)} | {rs[0].params:,} | {loss} | {diff} | "
+                     f"{'—' if v == base_name else _verdict(st)} | {_efficiency_cell(v, st, v == base_name)} | "
+                     f"{_fmt(statistics.median(speeds) if speeds else None, ',.0f')} |")
+    head = ["run", "seed", "final train loss", "final val loss", "tokens/s"]
+    if with_hellaswag:
+        head.append("HellaSwag acc_norm")
+    head += ["wall s", "status"]
+    lines += [
+        "",
+        "Per run: final train loss = the last logged step's batch loss (one batch: noisy); tokens/s = median over "
+        "logged steps after step 0 (evaluation excluded); wall s = the train.py process, start-up and "
+        "evaluation included.",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if h in ("variant", "status") else "---:" for h in head) + "|",
+        "|" + "|".join("---" if h in ("run", "status") else "---:" for h in head) + "|",
     ]
-    for run in runs:
+    for run in (r for rs in variants.values() for r in rs):
         r = rows.get(run.name, {})
-        delta = None if base is None or r.get("val_loss") is None else r["val_loss"] - base
-        cells = [run.name, f"{run.params:,}", _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("val_loss"), ".4f"),
-                 _fmt(delta, "+.4f"), _fmt(r.get("tok_per_s"), ",.0f")]
+        cells = [run.name, str(run.cfg.seed), _fmt(r.get("train_loss"), ".4f"), _fmt(r.get("val_loss"), ".4f"),
+                 _fmt(r.get("tok_per_s"), ",.0f")]
         if with_hellaswag:
             cells.append(_fmt(r.get("hellaswag_acc_norm"), ".4f"))
         cells += [_fmt(r.get("wall_s"), ".0f"), r.get("status", "not run")]
@@ -267,14 +401,18 @@ def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colors; dashes tell the second ten apart
-    for i, run in enumerate(runs):
-        curve = rows.get(run.name, {}).get("val_curve") or []
+    target = stats[base_name].get("mean")
+    for i, v in enumerate(variants):
+        curve = mean_curve([rows[r.name]["val_curve"] for r in variants[v]
+                            if rows.get(r.name, {}).get("val_loss") is not None])
         style = dict(marker="o", ms=3, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
-                     ls="-" if i < 10 else "--", lw=2.5 if i == 0 else 1.2, label=run.name)
+                     ls="-" if i < 10 else "--", lw=2.5 if i == 0 else 1.2, label=f"{v} (n={stats[v]['n']})")
         for ax, pts in ((axes[0], curve), (axes[1], curve[len(curve) // 2:])):
             if pts:
                 ax.plot(*zip(*pts), **style)
-    for ax, title in zip(axes, ("val loss", "val loss, second half (zoom)")):
+    for ax, title in zip(axes, ("val loss, mean over seeds", "second half (zoom)")):
+        if target is not None:
+            ax.axhline(target, color="gray", lw=0.8, ls=":")  # the level token efficiency is measured at
         ax.set_title(title)
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)
@@ -287,61 +425,70 @@ def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command
     return md, png
 
 
-def sweep(runs: list[Run], out_dir: Path, command: str, threads: int | None = None,
-          hellaswag_data: str | None = None, hellaswag_limit: int | None = None) -> int:
-    """Train every run not yet done, evaluate, write results.md/png. Returns the number of runs not finished."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with_hs = hellaswag_limit is not None
+def _sweep_one(i: int, runs: list[Run], threads: int | None, sig: _Signals, hellaswag_data: str | None,
+               hellaswag_limit: int | None) -> dict | None:
+    """Train (or skip / resume) runs[i]; its table row, or None when not started (the sweep is stopping)."""
+    run, with_hs = runs[i], hellaswag_limit is not None
+    if sig.stop:
+        return None
+    state = run_state(run)
+    marker = _done_marker(run)
+    info = json.loads(marker.read_text()) if state == "done" and marker.is_file() else {}
+    if state == "done":
+        print(f"[{i + 1}/{len(runs)}] {run.name}: finished earlier, skipped", flush=True)
+        row = {"status": "ok (earlier run)", "wall_s": info.get("wall_s")}
+    else:
+        print(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if state == 'resume' else 'training'} "
+              f"({run.out_dir / 'train.log'})", flush=True)
+        rc, wall, last = train_run(run, state, threads, sig)
+        if rc != 0:
+            print(f"  {run.name}: train.py exited {rc}: {last}", flush=True)
+            return {**summarize(read_metrics(run.out_dir), run.max_steps),
+                    "status": f"failed (exit {rc}): {last[:80]}", "wall_s": wall}
+        row = {"status": "ok" if state == "fresh" else "ok (resumed)", "wall_s": wall}
+    row.update(summarize(read_metrics(run.out_dir), run.max_steps))
+    if row["val_loss"] is None:  # exited 0 without its final step: stopped by a signal
+        row["status"] = "stopped (rerun the command to resume)"
+        sig.stop = True
+        return row
+    info = {**info, "config": asdict(run.cfg), "wall_s": row["wall_s"]}
+    marker.write_text(json.dumps(info, indent=1))  # training is done even if HellaSwag fails below
     if with_hs:
+        key = f"{hellaswag_data}|{hellaswag_limit}"
+        if info.get("hellaswag_key") != key:
+            info["hellaswag_acc_norm"] = hellaswag(run, hellaswag_data, hellaswag_limit)
+            info["hellaswag_key"] = key
+        row["hellaswag_acc_norm"] = info["hellaswag_acc_norm"]
+    marker.write_text(json.dumps(info, indent=1))
+    print(f"  {run.name}: val {row['val_loss']:.4f} | train {row['train_loss']:.4f} | "
+          f"{_fmt(row['tok_per_s'], ',.0f')} tok/s" +
+          (f" | hellaswag acc_norm {row['hellaswag_acc_norm']:.4f}" if with_hs else ""), flush=True)
+    return row
+
+
+def sweep(runs: list[Run], out_dir: Path, command: str, threads: int | None = None,
+          hellaswag_data: str | None = None, hellaswag_limit: int | None = None, jobs: int = 1) -> int:
+    """Train every run not yet done (`jobs` train.py processes at a time, in list order), evaluate, write
+    results.md/png. Returns the number of runs not finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hellaswag_limit is not None:
         from eval_hellaswag import load_examples
 
         load_examples(hellaswag_data, limit=1)  # a missing file fails now, before any training
-    print(f"{len(runs)} runs -> {out_dir}")
+    print(f"{len(runs)} runs -> {out_dir}" + (f", {jobs} at a time" if jobs > 1 else ""))
     for run in runs:
-        print(f"  {run.name:<20} {run.params:>12,} params  {run.config}")
-    rows: dict[str, dict] = {}
+        print(f"  {run.name:<24} {run.params:>12,} params  {run.config}", flush=True)
+    t0 = time.perf_counter()
     sig = _Signals()
     try:
-        for i, run in enumerate(runs):
-            if sig.stop:
-                break
-            state = run_state(run)
-            marker = _done_marker(run)
-            info = json.loads(marker.read_text()) if state == "done" and marker.is_file() else {}
-            if state == "done":
-                print(f"[{i + 1}/{len(runs)}] {run.name}: finished earlier, skipped")
-                row = {"status": "ok (earlier run)", "wall_s": info.get("wall_s")}
-            else:
-                print(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if state == 'resume' else 'training'} "
-                      f"({run.out_dir / 'train.log'})", flush=True)
-                rc, wall, last = train_run(run, state, threads, sig)
-                if rc != 0:
-                    print(f"  {run.name}: train.py exited {rc}: {last}")
-                    rows[run.name] = {**summarize(read_metrics(run.out_dir), run.max_steps),
-                                      "status": f"failed (exit {rc}): {last[:80]}", "wall_s": wall}
-                    continue
-                row = {"status": "ok" if state == "fresh" else "ok (resumed)", "wall_s": wall}
-            row.update(summarize(read_metrics(run.out_dir), run.max_steps))
-            if row["val_loss"] is None:  # exited 0 without its final step: stopped by a signal
-                row["status"] = "stopped (rerun the command to resume)"
-                rows[run.name] = row
-                break
-            info = {**info, "config": asdict(run.cfg), "wall_s": row["wall_s"]}
-            marker.write_text(json.dumps(info, indent=1))  # training is done even if HellaSwag fails below
-            if with_hs:
-                key = f"{hellaswag_data}|{hellaswag_limit}"
-                if info.get("hellaswag_key") != key:
-                    info["hellaswag_acc_norm"] = hellaswag(run, hellaswag_data, hellaswag_limit)
-                    info["hellaswag_key"] = key
-                row["hellaswag_acc_norm"] = info["hellaswag_acc_norm"]
-            marker.write_text(json.dumps(info, indent=1))
-            rows[run.name] = row
-            print(f"  {run.name}: val {row['val_loss']:.4f} | train {row['train_loss']:.4f} | "
-                  f"{_fmt(row['tok_per_s'], ',.0f')} tok/s" +
-                  (f" | hellaswag acc_norm {row['hellaswag_acc_norm']:.4f}" if with_hs else ""), flush=True)
+        # threads only wait on their train.py processes; the signal handlers stay in this (the main) thread
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(lambda i: _sweep_one(i, runs, threads, sig, hellaswag_data, hellaswag_limit),
+                                    range(len(runs))))
     finally:
         sig.close()
-    md, png = write_results(runs, rows, out_dir, command, with_hs)
+    rows = {run.name: row for run, row in zip(runs, results) if row is not None}
+    md, png = write_results(runs, rows, out_dir, command, hellaswag_limit is not None, time.perf_counter() - t0)
     print(f"wrote {md} and {png}")
     unfinished = sum(not rows.get(r.name, {}).get("status", "").startswith("ok") for r in runs)
     if unfinished:
@@ -350,24 +497,37 @@ def sweep(runs: list[Run], out_dir: Path, command: str, threads: int | None = No
 
 
 def preset_configs(name: str) -> tuple[list[str], Path]:
-    folder, out, extra_seeds = PRESETS[name]
-    files = sorted((REPO / folder).glob("*.py"), key=lambda p: (p.stem != "baseline", p.stem))
-    configs = [os.path.relpath(p) for p in files]
-    baseline = os.path.relpath(REPO / folder / "baseline.py")
-    configs[1:1] = [f"{baseline}@{s}" for s in extra_seeds]  # the noise reference, next to the baseline
-    return configs, Path(out)
+    """A preset's CONFIG[@SEED] list, in the order it trains: first the variants with their own seed count
+    (more_seeds: the headline comparisons), all their seeds; then the rest in rounds, every variant's first
+    seed before any second one. A sweep stopped early has then compared what matters most."""
+    preset = PRESETS[name]
+    files = {p.stem: p for p in sorted((REPO / preset.folder).glob("*.py"))}
+    unknown = set(preset.more_seeds) - set(files)
+    assert not unknown, f"preset {name}: no config for {sorted(unknown)}"
+
+    def specs(stem: str, k: int) -> str:
+        return os.path.relpath(files[stem]) + (f"@{EXTRA_SEEDS[k - 1]}" if k else "")
+
+    first = ["baseline", *(v for v in preset.more_seeds if v != "baseline")]
+    configs = [specs(v, k) for v in first for k in range(preset.more_seeds.get(v, preset.seeds))]
+    rest = [v for v in files if v not in first]
+    configs += [specs(v, k) for k in range(preset.seeds) for v in rest]
+    return configs, Path(preset.out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*", help="train.py config files, each optionally CONFIG@SEED")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="cpu: config/ablations/*.py + baseline@1338")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="cpu: config/ablations/*.py + baseline@1338; learn: config/ablations_learn/*.py, 2-3 seeds")
     p.add_argument("--out-dir", default=None, help="sweep folder (default out/ablations, preset: its own)")
     p.add_argument("--data-dir", default=None, help="override every config's data_dir")
     p.add_argument("--seed", type=int, default=None, help="override every config's seed (CONFIG@SEED wins)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a train.py override for every run, e.g. --set max_steps=20 (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training process")
+    p.add_argument("--jobs", type=int, default=1, help="train.py processes at once (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for each training process (default with --jobs N > 1: CPUs / N)")
     p.add_argument("--hellaswag-limit", type=int, default=None,
                    help="also score HellaSwag acc_norm on each final checkpoint, first N examples (0 = all)")
     p.add_argument("--hellaswag-data", default=None, help="local hellaswag_val.jsonl (default: the HF hub)")
@@ -379,9 +539,12 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--set {s}: expected KEY=VALUE, e.g. --set max_steps=20")
     configs, out_dir = preset_configs(a.preset) if a.preset else (a.configs, Path("out/ablations"))
     out_dir = Path(a.out_dir) if a.out_dir else out_dir
+    if a.jobs < 1:
+        p.error(f"--jobs {a.jobs}: must be at least 1")
+    threads = a.threads or (max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None)  # no oversubscribing
     runs = plan(configs, out_dir, a.set, a.seed, a.data_dir)
     command = "python ablate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if sweep(runs, out_dir, command, a.threads, a.hellaswag_data, a.hellaswag_limit):
+    if sweep(runs, out_dir, command, threads, a.hellaswag_data, a.hellaswag_limit, a.jobs):
         sys.exit(1)
 
 

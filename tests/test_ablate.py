@@ -4,6 +4,7 @@ numbers must equal), metrics.jsonl read independently here, and an uninterrupted
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -54,11 +55,16 @@ def losses(run_dir: Path) -> tuple[list, list]:
             [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r])
 
 
-def table(md: Path) -> dict[str, dict[str, str]]:
-    lines = [ln for ln in md.read_text().splitlines() if ln.startswith("|")]
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {row[0]: dict(zip(head, row)) for row in
-            ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+def table(md: Path, first: str = "run") -> dict[str, dict[str, str]]:
+    """results.md's table whose first column is `first` ("run": per run, "variant": seeds pooled)."""
+    blocks, block = [], []
+    for ln in md.read_text().splitlines() + [""]:
+        if ln.startswith("|"):
+            block.append([c.strip() for c in ln.strip("|").split("|")])
+        elif block:
+            blocks, block = blocks + [block], []
+    head, _, *body = next(b for b in blocks if b[0][0] == first)
+    return {row[0]: dict(zip(head, row)) for row in body}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,8 @@ def swept(data, tmp_path_factory) -> Path:
 def test_table_numbers_are_the_runs_metrics(swept, data, tmp_path):
     """Every cell of results.md is the run's metrics.jsonl / checkpoint, and each run equals train.py run
     by hand with the same config and overrides (same data, tokens, seed)."""
-    rows = table(swept / "results.md")
-    assert list(rows) == ["baseline", "rope"]
+    rows, variants = table(swept / "results.md"), table(swept / "results.md", "variant")
+    assert list(rows) == list(variants) == ["baseline", "rope"]
     for name in rows:
         recs, row = records(swept / name), rows[name]
         train = [r for r in recs if "loss" in r]
@@ -88,9 +94,11 @@ def test_table_numbers_are_the_runs_metrics(swept, data, tmp_path):
         assert row["final train loss"] == f"{train[-1]['loss']:.4f}"
         assert row["tokens/s"] == f"{statistics.median(r['tok_per_s'] for r in train if r['step'] > 0):,.0f}"
         params = model_from_checkpoint(load_checkpoint(swept / name / "ckpt.pt")).num_params()
-        assert row["params"] == f"{params:,}" and row["status"] == "ok"
+        assert variants[name]["params"] == f"{params:,}" and row["status"] == "ok"
+        assert variants[name]["final val loss"] == row["final val loss"] and variants[name]["seeds"] == "1/1"
     base = float(rows["baseline"]["final val loss"])
-    assert rows["rope"]["Δ val vs baseline"] == f"{float(rows['rope']['final val loss']) - base:+.4f}"
+    assert variants["rope"]["Δ vs baseline"] == f"{float(rows['rope']['final val loss']) - base:+.4f}"
+    assert variants["rope"]["verdict"] == "—"  # one seed each: no spread, no standard error
     # the reference: train.py by hand
     ref = tmp_path / "ref"
     r = subprocess.run([sys.executable, str(REPO / "train.py"), CONFIGS[1], *[f"--{s}" for s in TINY],
@@ -112,7 +120,7 @@ def test_rerun_skips_finished_runs(swept, data):
     assert before == {p: p.stat().st_mtime_ns for p in before} and len(before) == 4
     new = table(swept / "results.md")
     for name in old:
-        for col in ("params", "final train loss", "final val loss", "tokens/s"):
+        for col in ("final train loss", "final val loss", "tokens/s"):
             assert new[name][col] == old[name][col]
 
 
@@ -212,7 +220,8 @@ def test_runs_that_differ_in_budget_are_refused(data, tmp_path):
 def test_preset_is_every_ablation_config_plus_a_second_baseline_seed():
     configs, out = ablate.preset_configs("cpu")
     files = sorted(p.stem for p in (REPO / "config/ablations").glob("*.py"))
-    assert Path(configs[0]).stem == "baseline" and configs[1].endswith("baseline.py@1338")
+    assert Path(configs[0]).stem == "baseline" and [c for c in configs if "@" in c] == [
+        os.path.relpath(REPO / "config/ablations/baseline.py") + "@1338"]
     assert sorted(Path(c.split("@")[0]).stem for c in configs if "@" not in c) == files
     assert out == Path("out/ablations_cpu")
 
@@ -229,3 +238,145 @@ def test_runs_from_before_a_new_train_option_still_count_as_finished():
     assert not ablate.same_config(saved, {**wanted, "hellaswag_limit": 7})
     assert not ablate.same_config({**wanted, "lr": 1.0}, wanted)
     assert ablate.same_config({**wanted, "init_from": "scratch"}, {**wanted, "init_from": "resume"})
+
+
+# ---- seeds pooled per variant: the statistics on hand-made numbers, then a real --jobs 2 sweep
+
+def test_mean_std_and_the_standard_error_of_a_difference():
+    import numpy as np
+
+    a, b = [5.0, 5.2, 5.6], [5.5, 5.9]
+    mean, std = ablate.mean_std(a)
+    assert mean == pytest.approx(np.mean(a)) and std == pytest.approx(np.std(a, ddof=1))
+    assert ablate.mean_std([5.0]) == (5.0, None)
+    want = math.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 2)  # Welch's SE of mean(a) - mean(b)
+    assert ablate.diff_se(a, b) == pytest.approx(want) and ablate.diff_se(b, a) == pytest.approx(want)
+    assert ablate.diff_se(a, [5.5]) is None and ablate.diff_se([5.0], b) is None
+    assert ablate.diff_se([1.0, 1.0], [2.0, 2.0]) == 0.0
+
+
+def test_tokens_to_reach_interpolates_at_the_first_crossing():
+    import numpy as np
+
+    curve = [(0, 10.0), (100, 8.0), (200, 6.0), (300, 5.0), (400, 5.5), (500, 4.0)]
+    assert ablate.tokens_to_reach(curve, 7.0) == pytest.approx(150.0)  # halfway from 8.0 @ 100 to 6.0 @ 200
+    assert ablate.tokens_to_reach(curve, 5.2) == pytest.approx(np.interp(5.2, [5.0, 6.0], [300, 200]))
+    assert ablate.tokens_to_reach(curve, 5.0) == 300  # exactly on an evaluation
+    assert ablate.tokens_to_reach(curve, 4.5) == pytest.approx(500 - 0.5 / 1.5 * 100)  # after the bump up
+    assert ablate.tokens_to_reach(curve, 11.0) == 0
+    assert ablate.tokens_to_reach(curve, 3.9) is None
+
+
+def test_token_efficiency_is_the_mean_over_seeds_of_tokens_to_the_target():
+    fast = [(0, 10.0), (100, 6.0), (200, 5.0)]  # reaches 6.0 at 100
+    slow = [(0, 10.0), (100, 7.0), (200, 5.0)]  # reaches 6.0 at 150
+    never = [(0, 10.0), (100, 8.0), (200, 7.0)]
+    assert ablate.token_efficiency([fast, slow], 6.0, 200) == (pytest.approx(125 / 200), 2)
+    assert ablate.token_efficiency([fast, never], 6.0, 200) == (None, 1)  # "not reached (1/2 seeds did)"
+    assert ablate.token_efficiency([never], 6.0, 200) == (None, 0)
+    assert ablate.mean_curve([fast, slow]) == [(0, 10.0), (100, 6.5), (200, 5.0)]
+    assert ablate.mean_curve([fast, slow[:2]]) == [(0, 10.0), (100, 6.5)]  # evaluations both seeds have
+
+
+def test_variant_stats_against_the_baselines_mean():
+    def run(final: float) -> dict:
+        return {"val_loss": final, "val_curve": [(0, 10.0), (100, 8.0), (200, final)]}
+
+    groups = {"baseline": [run(6.0), run(6.2), run(6.4)], "better": [run(5.0), run(5.2)],
+              "worse": [run(6.9), run(7.1)], "single": [run(6.1)], "unfinished": []}
+    st = ablate.variant_stats(groups, 200)
+    assert st["baseline"]["mean"] == pytest.approx(6.2) and st["baseline"]["diff"] == pytest.approx(0)
+    assert st["better"]["diff"] == pytest.approx(-1.1)
+    assert st["better"]["se"] == pytest.approx(math.sqrt(0.04 / 3 + 0.02 / 2))
+    # each "better" seed crosses 6.2 between (100, 8.0) and (200, final): 100 + 1.8 / (8 - final) * 100
+    want = statistics.mean(100 + 1.8 / (8 - f) * 100 for f in (5.0, 5.2)) / 200
+    assert st["better"]["efficiency"] == pytest.approx(want) and st["better"]["reached"] == 2
+    assert st["worse"]["efficiency"] is None and st["worse"]["reached"] == 0
+    assert st["single"]["std"] is None and st["single"]["se"] is None and st["single"]["reached"] == 1
+    assert st["unfinished"] == {"n": 0}
+    assert ablate._verdict(st["better"]).startswith("better") and ablate._verdict(st["single"]) == "—"
+    assert ablate._verdict({"diff": 0.01, "se": 0.01}).startswith("within noise")
+
+
+LEARN = REPO / "config/ablations_learn"
+MUON = {"optimizer": "muon", "beta1": 0.8, "eps": 1e-10, "weight_decay": 0.0,
+        "embed_lr": pytest.approx(0.2 * 6 ** 0.5), "head_lr": pytest.approx(0.004 * 6 ** 0.5)}  # (128/768)^-0.5
+# What each learn-preset config changes from its baseline: GPTConfig fields as model.<field>, TrainConfig fields
+INTENDED = {
+    "rope": {"model.pos": "rope"}, "qk_norm": {"model.qk_norm": True}, "rmsnorm": {"model.norm": "rmsnorm"},
+    "relu2": {"model.mlp": "relu2"}, "swiglu": {"model.mlp": "swiglu"}, "untied": {"model.tie_embeddings": False},
+    "no_bias": {"model.bias": False}, "post_norm": {"model.norm_placement": "post"},
+    "sandwich_norm": {"model.norm_placement": "sandwich"}, "doc_mask": {"model.doc_mask": True},
+    "moe": {"model.mlp": "moe", "model.n_experts": 4},  # moe_top_k=2 is the default
+    "muon": MUON,
+    "modern": {**MUON, "model.pos": "rope", "model.qk_norm": True, "model.norm": "rmsnorm", "model.mlp": "relu2",
+               "model.tie_embeddings": False, "model.bias": False},
+}
+
+
+def resolved(path: Path) -> dict:
+    from dataclasses import asdict
+
+    import train_config
+
+    cfg = train_config.load_config([str(path)])
+    flat = {k: v for k, v in asdict(cfg).items() if k not in ("model_overrides", "out_dir")}
+    return {**flat, **{f"model.{k}": v for k, v in asdict(cfg.model_config()).items()}}
+
+
+def test_learn_preset_configs_differ_from_the_baseline_in_the_intended_keys_only():
+    assert sorted(p.stem for p in LEARN.glob("*.py")) == sorted([*INTENDED, "baseline"])
+    base = resolved(LEARN / "baseline.py")
+    quickstart = resolved(REPO / "config/shakespeare_cpu.py")  # the quickstart's model, as the config says
+    assert {k: v for k, v in base.items() if k.startswith("model.")} == {
+        k: v for k, v in quickstart.items() if k.startswith("model.")}
+    for name, want in INTENDED.items():
+        cfg = resolved(LEARN / f"{name}.py")
+        assert {k: v for k, v in cfg.items() if v != base[k]} == want, name
+
+
+def test_learn_preset_runs_every_variant_with_its_seeds_headline_ones_first():
+    configs, out = ablate.preset_configs("learn")
+    assert out == Path("out/ablations_learn")
+    seeds: dict[str, list[str]] = {}
+    for c in configs:
+        path, _, seed = c.partition("@")
+        assert Path(path).resolve().parent == LEARN
+        seeds.setdefault(Path(path).stem, []).append(seed)
+    three = {"baseline", "modern", "muon", "doc_mask"}
+    assert seeds == {v: ["", "1338", "1339"] if v in three else ["", "1338"] for v in [*INTENDED, "baseline"]}
+    assert len(configs) == 32
+    # the 3-seed variants first, all their seeds; then every other variant once before any twice
+    assert [Path(c.split("@")[0]).stem for c in configs[:12]] == [v for v in ("baseline", "modern", "muon",
+                                                                              "doc_mask") for _ in range(3)]
+    assert all("@" not in c for c in configs[12:22]) and all(c.endswith("@1338") for c in configs[22:])
+
+
+def test_parallel_sweep_equals_the_sequential_one_and_pools_seeds(swept, data, tmp_path):
+    """--jobs 2 trains the same runs as one at a time (bit for bit), and the variant table is the seeds'
+    statistics computed here from each run's metrics.jsonl."""
+    import numpy as np
+
+    out = tmp_path / "par"
+    specs = [CONFIGS[0], CONFIGS[0] + "@1338", CONFIGS[1], CONFIGS[1] + "@1338"]
+    r = sweep_cli(*specs, "--jobs", "2", "--out-dir", str(out), "--data-dir", str(data),
+                  *[f"--set={s}" for s in TINY])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 at a time" in r.stdout
+    for name in ("baseline", "rope"):
+        assert losses(out / name) == losses(swept / name)
+    assert losses(out / "baseline_seed1338") != losses(out / "baseline")
+    final = {n: [r["val_loss"] for r in records(out / n) if "val_loss" in r][-1] for n in
+             ("baseline", "baseline_seed1338", "rope", "rope_seed1338")}
+    b, v = [final["baseline"], final["baseline_seed1338"]], [final["rope"], final["rope_seed1338"]]
+    rows = table(out / "results.md", "variant")
+    assert list(rows) == ["baseline", "rope"] and rows["rope"]["seeds"] == "2/2"
+    assert rows["baseline"]["final val loss"] == f"{np.mean(b):.4f} ± {np.std(b, ddof=1):.4f}"
+    se = math.sqrt(np.var(v, ddof=1) / 2 + np.var(b, ddof=1) / 2)
+    assert rows["rope"]["Δ vs baseline"] == f"{np.mean(v) - np.mean(b):+.4f} ± {se:.4f}"
+    curves = [[(r["tokens"], r["val_loss"]) for r in records(out / n) if "val_loss" in r]
+              for n in ("rope", "rope_seed1338")]
+    reach = [ablate.tokens_to_reach(c, float(np.mean(b))) for c in curves]
+    want = "not reached" if None in reach else f"{np.mean(reach) / (6 * 64):.2f}"  # 6 steps x 64 tokens
+    assert rows["rope"]["token efficiency"].startswith(want)
+    assert set(table(out / "results.md")) == set(final)
