@@ -135,6 +135,13 @@ def run_tasks(model: torch.nn.Module, tasks: list[str], data_dir: str | Path | N
                             "(tests/data has samples)") from e
 
 
+def sample_metrics(results: dict) -> dict[str, list[dict]]:
+    """Each task's per-document metric values from simple_evaluate(log_samples=True), without the documents'
+    text: {task: [{"doc_id": i, metric: value, ...}]}."""
+    return {task: [{"doc_id": s["doc_id"], **{m: s[m] for m in s["metrics"]}} for s in samples]
+            for task, samples in results.get("samples", {}).items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description="lm-eval harness on one of our checkpoints (any architecture variant)")
     p.add_argument("model", help="our checkpoint file (ckpt.pt) or a Hugging Face GPT-2 folder")
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's stderr bootstrap (0: none)")
     p.add_argument("--out", help="also write lm-eval's results as JSON here")
+    p.add_argument("--log-samples", action="store_true", help="with --out: also write each document's metric "
+                   "values (e.g. wikitext's per-page loglikelihood and word count, for a stderr over pages)")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     results = run_tasks(model, tasks, args.data_dir, max_length, args.batch_size, limit, device, args.dtype,
-                        args.bootstrap_iters)
+                        args.bootstrap_iters, log_samples=args.log_samples)
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(f"{args.model}  max_length={max_length}  limit={limit}")
@@ -176,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         out = {"model": args.model, "max_length": max_length, "limit": limit, "tasks": tasks,
                "results": results["results"], "n-samples": results.get("n-samples"),
                "versions": results.get("versions")}
+        if args.log_samples:
+            out["samples"] = sample_metrics(results)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=handle_non_serializable) + "\n")
 
