@@ -203,6 +203,42 @@ def plot_curves(runs: dict[tuple[str, int], Run], path: Path) -> Path:
     return path
 
 
+def eot_split(out: Path, arms: list[str], seeds: list[int]) -> str:
+    """Each model's val loss on the common val rows, split by target: the EOT that ends a document, the first
+    token of a document (its input is the EOT), and all other targets. seed512 rows hold no EOT at all, so
+    these models never saw one; the split shows how much of a val difference sits at document boundaries."""
+    import torch
+    import torch.nn.functional as F
+
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from data import TokenLoader
+
+    lines = ["| run | val loss (recomputed) | EOT targets | first tokens of documents | other targets |",
+             "|---|---|---|---|---|"]
+    for arm in arms:
+        for seed in seeds:
+            ckpt = load_checkpoint(out / f"{arm}_s{seed}" / "ckpt.pt")
+            cfg, model = ckpt["train_config"], model_from_checkpoint(ckpt).eval()
+            eot = int(load_meta(cfg["data_dir"]).get("eot", 50256))
+            loader = TokenLoader(cfg["data_dir"], "val", cfg["micro_batch"], cfg["seq_len"], shuffle=False)
+            rows = min(cfg["eval_tokens"] // cfg["seq_len"], loader.n_rows)
+            losses, xs, ys = [], [], []
+            with torch.no_grad():
+                for start in range(0, rows, cfg["micro_batch"]):  # the rows train.py's estimate_val_loss reads
+                    x, y = loader.next_batch()
+                    n = min(cfg["micro_batch"], rows - start)
+                    logits, _ = model(x[:n])
+                    losses.append(F.cross_entropy(logits.float().flatten(0, 1), y[:n].flatten(), reduction="none"))
+                    xs.append(x[:n].flatten())
+                    ys.append(y[:n].flatten())
+            loss, x, y = torch.cat(losses), torch.cat(xs), torch.cat(ys)
+            parts = [y == eot, (x == eot) & (y != eot), (x != eot) & (y != eot)]
+            cells = [f"{loss[m].mean().item():.3f} ({int(m.sum()):,}; {loss[m].sum().item() / len(loss):.4f} of "
+                     "the mean)" for m in parts]
+            lines.append(f"| {arm}_s{seed} | {loss.mean().item():.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def same_losses(a: Path, b: Path) -> str:
     """Whether two runs logged the same losses at every step both logged, to the digits train.py prints."""
     ra, rb = ({(r["step"], k): r[k] for r in read_metrics(d) for k in ("loss", "val_loss") if k in r} for d in (a, b))
@@ -226,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--arms", nargs="+", default=list(ARM_ROWS), help="the first is the reference")
     m.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338])
     m.add_argument("--plot", help="also draw the curves to this PNG")
+    e = sub.add_parser("eot", help="each model's val loss split at document boundaries")
+    e.add_argument("out")
+    e.add_argument("--arms", nargs="+", default=list(ARM_ROWS))
+    e.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338])
     c = sub.add_parser("same", help="do two runs' logged losses agree to the printed digit?")
     c.add_argument("run_a")
     c.add_argument("run_b")
@@ -239,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown arguments {rest}")
     if args.cmd == "summary":
         print(summary(Path(args.out), args.arms, args.seeds, Path(args.plot) if args.plot else None), end="")
+    elif args.cmd == "eot":
+        print(eot_split(Path(args.out), args.arms, args.seeds), end="")
     else:
         print(same_losses(Path(args.run_a), Path(args.run_b)))
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from seed_rows_study import same_losses, steps_for  # noqa: E402
+from seed_rows_study import eot_split, same_losses, steps_for  # noqa: E402
 
 from conftest import SAMPLE_DATA, hide_gpu  # noqa: E402
 from monitor import read_metrics  # noqa: E402
@@ -115,3 +115,17 @@ def test_rerun_reproduces_losses_to_the_printed_digit(study: Path, tmp_path: Pat
     lines[i] = json.dumps(rec)
     (tmp_path / "changed" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert ": 1 differ at 4 decimals" in same_losses(run, tmp_path / "changed")
+
+
+@pytest.mark.slow  # needs the study's outputs
+def test_eot_split_recomputes_train_py_val_loss(study: Path) -> None:
+    table = eot_split(study, list(ARMS), list(SEEDS))
+    for arm in ARMS:
+        for seed in SEEDS:
+            row = next(line for line in table.splitlines() if line.startswith(f"| {arm}_s{seed} |"))
+            val = [r["val_loss"] for r in read_metrics(study / f"{arm}_s{seed}") if "val_loss" in r][-1]
+            cells = [c.strip() for c in row.split("|")[2:-1]]
+            assert float(cells[0]) == pytest.approx(val, abs=1e-4)
+            # the three parts' shares add up to the mean
+            shares = [float(c.split("; ")[1].split(" of")[0]) for c in cells[1:]]
+            assert sum(shares) == pytest.approx(val, abs=2e-4)
