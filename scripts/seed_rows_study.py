@@ -131,7 +131,11 @@ def _fmt(v: float, se: float | None, nd: int) -> str:
 
 
 def summary(out: Path, arms: list[str], seeds: list[int], plot_path: Path | None = None) -> str:
-    runs = {(a, s): Run(out, a, s) for a in arms for s in seeds}
+    runs = {(a, s): Run(out, a, s) for a in arms for s in seeds 
+            if (out / f"{a}_s{s}" / "done").is_file() and (out / "eval" / f"{a}_s{s}_L512.json").is_file()}
+    missing = [f"{a}_s{s}" for a in arms for s in seeds if (a, s) not in runs]
+    if not runs:
+        raise UserError(f"{out}: none of the runs has finished and been evaluated")
     lines = [f"# Seed-pipeline study: {out}", "",
              "Per run (lm-eval 0.4.13 at max_length 512, value ± stderr; ln ppl = ln(perplexity), nats per target "
              "word; wikitext stderr by a bootstrap over its pages; val: the run's last val pass on the common "
@@ -145,26 +149,34 @@ def summary(out: Path, arms: list[str], seeds: list[int], plot_path: Path | None
         lines.append(f"| {r.name} | {r.steps} | {r.loss_tokens:,} | " + " | ".join(cells) +
                      f" | {lam['perplexity,none']:,.0f} ± {lam['perplexity_stderr,none']:,.0f} | "
                      f"{wiki['word_perplexity,none']:,.1f} |")
+    if missing:
+        lines += ["", f"Not finished, left out: {', '.join(missing)}."]
     base = arms[0]
-    lines += ["", f"Seed-to-seed spread of {base} (max − min over seeds {', '.join(map(str, seeds))}): " +
-              ", ".join(f"{t} {np.ptp([runs[base, s].metric(k)[0] for s in seeds]):.4f}" for k, t, _ in METRICS), "",
+    base_seeds = [s for s in seeds if (base, s) in runs]
+    lines += ["", f"Seed-to-seed spread of {base} (max − min over seeds {', '.join(map(str, base_seeds))}): " +
+              ", ".join(f"{t} {np.ptp([runs[base, s].metric(k)[0] for s in base_seeds]):.4f}"
+                        for k, t, _ in METRICS), "",
               f"Differences from {base}, per seed (same seed: same initial weights) ± the paired stderr, their mean, "
               f"and the verdict: **beyond noise** when every seed's difference has the same sign, the mean exceeds "
               f"{base}'s seed-to-seed spread, and, where the metric has items, twice the mean paired stderr.", "",
               "| arm | " + " | ".join(f"Δ {t}" for _, t, _ in METRICS) + " |",
               "|---|" + "---|" * len(METRICS)]
     for arm in arms[1:]:
+        paired = [s for s in base_seeds if (arm, s) in runs]
+        if not paired:
+            continue
         cells = []
         for k, _, nd in METRICS:
-            d = [runs[arm, s].metric(k)[0] - runs[base, s].metric(k)[0] for s in seeds]
-            se = [paired_stderr(runs[arm, s], runs[base, s], k) for s in seeds]
-            spread = np.ptp([runs[base, s].metric(k)[0] for s in seeds])
+            d = [runs[arm, s].metric(k)[0] - runs[base, s].metric(k)[0] for s in paired]
+            se = [paired_stderr(runs[arm, s], runs[base, s], k) for s in paired]
+            spread = np.ptp([runs[base, s].metric(k)[0] for s in base_seeds])
             mean = float(np.mean(d))
             noise = [spread] + ([2 * float(np.mean(se))] if None not in se else [])
             beyond = len(set(np.sign(d))) == 1 and abs(mean) > max(noise)
             per_seed = ", ".join(_fmt(x, e, nd) for x, e in zip(d, se))
             cells.append(f"{mean:+.{nd}f} ({per_seed}){' **beyond noise**' if beyond else ''}")
-        lines.append(f"| {arm}: {ARM_ROWS.get(arm, arm)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm}: {ARM_ROWS.get(arm, arm)} (seeds {', '.join(map(str, paired))}) | " +
+                     " | ".join(cells) + " |")
     if plot_path is not None:
         lines += ["", f"Curves: {plot_curves(runs, plot_path)}"]
     return "\n".join(lines) + "\n"
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("summary", help="the study's Markdown tables (and curves with --plot)")
     m.add_argument("out", help="the study's folder (scripts/seed_rows_study.sh's OUT)")
     m.add_argument("--arms", nargs="+", default=list(ARM_ROWS), help="the first is the reference")
-    m.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338])
+    m.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338], help="runs not finished are left out")
     m.add_argument("--plot", help="also draw the curves to this PNG")
     e = sub.add_parser("eot", help="each model's val loss split at document boundaries")
     e.add_argument("out")
