@@ -131,7 +131,7 @@ def _fmt(v: float, se: float | None, nd: int) -> str:
 
 
 def summary(out: Path, arms: list[str], seeds: list[int], plot_path: Path | None = None) -> str:
-    runs = {(a, s): Run(out, a, s) for a in arms for s in seeds 
+    runs = {(a, s): Run(out, a, s) for a in arms for s in seeds
             if (out / f"{a}_s{s}" / "done").is_file() and (out / "eval" / f"{a}_s{s}_L512.json").is_file()}
     missing = [f"{a}_s{s}" for a in arms for s in seeds if (a, s) not in runs]
     if not runs:
