@@ -1,4 +1,4 @@
-"""Three facts about the evaluation data that docs/reproduction_cpu.md relies on:
+"""Four facts about the evaluation data that docs/reproduction_cpu.md and docs/seed_pipeline.md rely on:
 
 1. request lengths: the longest hellaswag (context + ending) and lambada_openai request in GPT-2 tokens, as
    lm-eval builds them (hellaswag through lm-eval's own process_docs). If both fit in 512 tokens, scoring at
@@ -7,6 +7,8 @@
    fraction of the test set's 13-token n-grams (GPT-3's contamination unit) occur anywhere in the train split.
 3. lambada copying: the fraction of lambada_openai target words (the passage's last word) that already occur
    as a word in the passage before it, i.e. how much of the task a model can solve by copying from context.
+4. document lengths against the seed's length filter: how many lambada passages and wikitext pages have at
+   least 256 GPT-2 tokens (the seed dropped shorter training rows) and more than 512 (its row length).
 
     python scripts/eval_data_checks.py --data-dir <mirror> --train data/wiki
 """
@@ -62,6 +64,24 @@ def lambada_target_in_context(path: Path) -> float:
     return round(hits / len(docs), 4)
 
 
+def seed_filter_lengths(data_dir: Path, min_tokens: int = 256, row: int = 512) -> dict[str, dict]:
+    """Token counts of the lambada_openai passages and wikitext test pages: how many the seed's filter would
+    keep as training documents (>= min_tokens) and how many are longer than one of its rows."""
+    enc = get_tokenizer()
+    wiki = data_dir / "wikitext2_raw" / "wiki.test.raw"
+    if not wiki.is_file():
+        raise UserError(f"{wiki} does not exist (check --data-dir)")
+    docs = {"lambada_openai": [d["text"] for d in read_jsonl(data_dir / "lambada_openai_test.jsonl")],
+            "wikitext": wikitext_documents(wiki.read_text(encoding="utf-8"))}
+    out = {}
+    for name, texts in docs.items():
+        n = np.array([len(enc.encode_ordinary(t)) for t in texts])
+        out[name] = {"documents": len(n), "median_tokens": int(np.median(n)), "max_tokens": int(n.max()),
+                     f"at_least_{min_tokens}": round(float(np.mean(n >= min_tokens)), 4),
+                     f"over_{row}": round(float(np.mean(n > row)), 4)}
+    return out
+
+
 def ngram_hashes(tokens: np.ndarray, n: int = NGRAM) -> np.ndarray:
     """A 64-bit polynomial hash of every n-token window (wrapping uint64 arithmetic; collisions ~2^-64)."""
     t = tokens.astype(np.uint64)
@@ -113,6 +133,7 @@ def main() -> None:
     print(json.dumps({"longest_request_tokens": longest_requests(data_dir),
                       "lambada_target_in_context": lambada_target_in_context(
                           data_dir / "lambada_openai_test.jsonl"),
+                      "seed_filter_lengths": seed_filter_lengths(data_dir),
                       "wikitext_vs_train": wikitext_overlap(data_dir, Path(a.train),
                                                             corpus if corpus.is_dir() else None)}, indent=1))
 

@@ -67,5 +67,9 @@ def test_cli_on_wikitext_itself_and_unrelated_text(tmp_path: Path, shared_data: 
     assert res["wikitext_vs_train"]["wikitext_test_articles"] == (4 if sample else 62)
     # prepare_data's seeded val split may hold an article back from train, so not quite all of them
     assert res["wikitext_vs_train"]["test_13grams_in_train"] > 0.9
+    # the seed's filter: no LAMBADA passage is a 256-token document, nearly every WikiText page is longer than a row
+    lengths = res["seed_filter_lengths"]
+    assert lengths["lambada_openai"]["at_least_256"] == 0 and lengths["lambada_openai"]["max_tokens"] < 256
+    assert lengths["wikitext"]["documents"] == (4 if sample else 62) and lengths["wikitext"]["over_512"] > 0.5
     other = wikitext_overlap(shared_data, tmp_path / "other", None)
     assert other["test_13grams_in_train"] < 0.01 and "shared_titles" not in other
