@@ -177,6 +177,26 @@ def summary(out: Path, arms: list[str], seeds: list[int], plot_path: Path | None
             cells.append(f"{mean:+.{nd}f} ({per_seed}){' **beyond noise**' if beyond else ''}")
         lines.append(f"| {arm}: {ARM_ROWS.get(arm, arm)} (seeds {', '.join(map(str, paired))}) | " +
                      " | ".join(cells) + " |")
+    lines += ["", "Seed noise pooled over every arm: the standard deviation of one run's metric across seeds, pooled "
+              "over the arms (sample variances weighted by seeds − 1), and each arm's mean difference from "
+              f"{base} in units of that noise's standard error for the two means, SD × sqrt(1/n_arm + 1/n_{base}):",
+              "", "| metric | pooled seed SD | " + " | ".join(f"{a} − {base}" for a in arms[1:]) + " |",
+              "|---|---|" + "---|" * (len(arms) - 1)]
+    for k, t, nd in METRICS:
+        per_arm = {a: [runs[a, s].metric(k)[0] for s in seeds if (a, s) in runs] for a in arms}
+        dof = sum(len(v) - 1 for v in per_arm.values() if len(v) > 1)
+        if not dof:
+            continue
+        sd = math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in per_arm.values() if len(v) > 1) / dof)
+        cells = []
+        for a in arms[1:]:
+            if not per_arm[a] or not per_arm[base]:
+                cells.append("—")
+                continue
+            d = float(np.mean(per_arm[a]) - np.mean(per_arm[base]))
+            se = sd * math.sqrt(1 / len(per_arm[a]) + 1 / len(per_arm[base]))
+            cells.append(f"{d:+.{nd}f} = {d / se:+.1f} SE" if se > 0 else f"{d:+.{nd}f}")
+        lines.append(f"| {t} | {sd:.{nd}f} | " + " | ".join(cells) + " |")
     if plot_path is not None:
         lines += ["", f"Curves: {plot_curves(runs, plot_path)}"]
     return "\n".join(lines) + "\n"
