@@ -249,6 +249,8 @@ def eot_split(out: Path, arms: list[str], seeds: list[int]) -> str:
              "|---|---|---|---|---|"]
     for arm in arms:
         for seed in seeds:
+            if not (out / f"{arm}_s{seed}" / "done").is_file():
+                continue  # not run (or not finished)
             ckpt = load_checkpoint(out / f"{arm}_s{seed}" / "ckpt.pt")
             cfg, model = ckpt["train_config"], model_from_checkpoint(ckpt).eval()
             eot = int(load_meta(cfg["data_dir"]).get("eot", 50256))
