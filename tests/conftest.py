@@ -56,6 +56,7 @@ CPU_PINS: dict[str, tuple[tuple[str, ...], ...]] = {  # script name -> the argum
     "gpu_check.py": (("--rehearse",),),  # the rehearsal hides the GPU from its children itself
     "ablate.py": (),  # --set=device=cpu pins its training runs, not its HellaSwag evaluation: hide_gpu
     "reproduce_cpu.sh": (),  # its train.py commands take no device: hide_gpu
+    "seed_rows_study.sh": (),  # likewise
 }
 
 
