@@ -21,23 +21,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SMOKE=0
-for arg in "$@"; do
-  case "$arg" in
-    --smoke) SMOKE=1 ;;
-    *) echo "error: unknown argument $arg (only --smoke)" >&2; exit 2 ;;
-  esac
-done
-
-PYTHON=${PYTHON:-python}
-SHARED=${SHARED_DATA_DIR:-}
-[ -n "$SHARED" ] || [ "$SMOKE" = 0 ] || SHARED=tests/data
-[ -n "$SHARED" ] || { echo "error: set SHARED_DATA_DIR to the folder holding corpus_wikipedia_en/ and the evaluation files" >&2; exit 2; }
-WIKI="$SHARED/corpus_wikipedia_en/AA"
+source scripts/wiki_pipeline_args.sh "$@"  # --smoke, PYTHON, SHARED, WIKI
 SEEDS=${SEEDS:-"1337 1338"}
 TASKS=${TASKS:-hellaswag,lambada_openai,wikitext}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
-[ -d "$WIKI" ] || { echo "error: $WIKI not found; set SHARED_DATA_DIR to the folder holding corpus_wikipedia_en" >&2; exit 2; }
 
 CONFIG=config/wikipedia_cpu.py
 if [ "$SMOKE" = 1 ]; then
