@@ -24,5 +24,10 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         sys.exit(2)
+
+
+def print_error(message: str) -> None:
+    """The one line a CLI prints for a problem it stops on."""
+    print(f"error: {message}", file=sys.stderr, flush=True)

@@ -50,7 +50,7 @@ from common import (
     to_device,
 )
 from data import TokenLoader, load_meta, split_tokens
-from errors import run_main
+from errors import print_error, run_main
 from hf import load_hf_gpt2
 from model import GPT, GPTConfig
 from monitor import RunLog, StepTimer, StopFlag, step_line, step_record
@@ -210,13 +210,24 @@ def check_ranks_agree(cfg: TrainConfig, d: Dist, ckpts: RunCheckpoints) -> None:
             [p.name for p in ckpts.newest_first()])
     everyone = [None] * d.world_size
     dist.all_gather_object(everyone, mine)
+    problem = None
     for rank, (meta_hash, names) in enumerate(everyone):
         if meta_hash != everyone[0][0]:
-            raise ConfigError(f"rank {rank} reads other data than rank 0 ({cfg.data_dir}/meta.json differs); "
-                              "prepare the dataset once and give every node the same copy")
-        if names != everyone[0][1]:
-            raise ConfigError(f"rank {rank} sees other checkpoints in {cfg.out_dir} than rank 0 ({names} vs "
-                              f"{everyone[0][1]}); with several nodes out_dir must be on a filesystem they all share")
+            problem = (f"rank {rank} reads other data than rank 0 ({cfg.data_dir}/meta.json differs); "
+                       "prepare the dataset once and give every node the same copy")
+        elif names != everyone[0][1]:
+            problem = (f"rank {rank} sees other checkpoints in {cfg.out_dir} than rank 0 ({names} vs "
+                       f"{everyone[0][1]}); with several nodes out_dir must be on a filesystem they all share")
+        if problem:
+            break
+    if problem is None:
+        return
+    # Every rank knows the problem. Rank 0 alone reports it, and nobody exits before its line is out: torchrun
+    # stops the other workers as soon as one exits, which could cut off a line printed on the way out.
+    if d.master:
+        print_error(problem)
+    dist.barrier()
+    sys.exit(2)
 
 
 def _train(cfg: TrainConfig, d: Dist, meta: dict, ckpts: RunCheckpoints) -> dict:
@@ -445,7 +456,7 @@ def main() -> None:
     try:
         train(cfg)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         sys.exit(1)
 
 

@@ -12,6 +12,8 @@ Faults (every key optional):
                           yet (it is then created), so a restarted worker runs on
   "data_dir": {"rank": r, "path": p}
                           rank r reads the dataset at p (as a node with its own, different copy would)
+  "out_dir": {"rank": r, "path": p}
+                          rank r writes to and resumes from p (as a node whose out_dir is not shared would)
   "ckpt_write": "enospc" | "slow:SECONDS"
                           every checkpoint write stops half-way and fails like a full disk, or prints
                           "checkpoint write in progress", sleeps, then finishes (so a test can kill it mid-write)
@@ -43,7 +45,7 @@ import model  # noqa: E402
 import train  # noqa: E402
 from errors import run_main  # noqa: E402
 
-KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write", "data_dir"}
+KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write", "data_dir", "out_dir"}
 
 
 def install(faults: dict) -> None:
@@ -92,8 +94,11 @@ def install(faults: dict) -> None:
 
     def load_config(argv: list[str]) -> train.TrainConfig:
         cfg = real_load_config(argv)
-        f = faults.get("data_dir")
-        return dataclasses.replace(cfg, data_dir=f["path"]) if f and f["rank"] == rank else cfg
+        for field in ("data_dir", "out_dir"):
+            f = faults.get(field)
+            if f and f["rank"] == rank:
+                cfg = dataclasses.replace(cfg, **{field: f["path"]})
+        return cfg
 
     real_load_config = train.load_config
     train.load_config = load_config

@@ -236,9 +236,9 @@ def test_hung_rank_times_out_instead_of_hanging(data, tmp_path):
     assert load_checkpoint(out / "ckpt.pt")["step"] == 4
 
 
-def test_ranks_with_different_data_stop_with_one_line_each(data, tmp_path):
+def test_ranks_with_different_data_stop_with_one_line(data, tmp_path):
     """Two "nodes" with separately prepared, different copies of the data: both ranks stop before training,
-    each with one line naming the mismatch; nothing is written."""
+    with exactly one line (rank 0's) naming the mismatch; nothing is written."""
     other = markov_dataset(tmp_path / "other", train_tokens=39_000)
     out = tmp_path / "mismatch"
     faults = {"data_dir": {"rank": 1, "path": str(other)}}
@@ -246,8 +246,23 @@ def test_ranks_with_different_data_stop_with_one_line_each(data, tmp_path):
     code, log, _ = finish(p, timeout=120)
     assert code != 0, log
     err = [ln for ln in log.splitlines() if ln.startswith("error:")]
-    assert len(err) == 2 and all("rank 1 reads other data than rank 0" in e for e in err), log
+    assert len(err) == 1 and "rank 1 reads other data than rank 0" in err[0], log
     assert not (out / "ckpt.pt").exists()
+
+
+def test_ranks_with_unshared_out_dirs_stop_with_one_line(data, tmp_path):
+    """init_from=auto with an out_dir that is not shared between "nodes" (rank 1 sees a checkpoint that rank 0
+    does not): one line (rank 0's) naming the mismatch, before anything is loaded or written."""
+    out, other = tmp_path / "shared", tmp_path / "node1"
+    other.mkdir()
+    (other / "ckpt.pt").write_bytes(b"not read: the ranks disagree before any checkpoint is loaded")
+    faults = {"out_dir": {"rank": 1, "path": str(other)}}
+    p = start(args(data, out, init_from="auto", **DDP_KW), faults, TORCHRUN + ["--standalone", "--nproc_per_node=2"])
+    code, log, _ = finish(p, timeout=120)
+    assert code != 0, log
+    err = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "rank 1 sees other checkpoints" in err[0] and "['ckpt.pt'] vs []" in err[0], log
+    assert not (out / "ckpt.pt").exists() and sorted(p.name for p in other.iterdir()) == ["ckpt.pt"]
 
 
 def free_port() -> int:
