@@ -4,7 +4,7 @@
 #   python prepare_data.py --dataset shakespeare        # -> data/shakespeare (297k train / 34k val tokens)
 #   python train.py config/shakespeare_cpu.py
 # The unigram baseline (predicting train-set token frequencies) is ~6.5 nats on val; this run ends well
-# below it (tests/test_train.py checks a shortened run; README "CPU quickstart" shows a full one).
+# below it (tests/test_fresh_clone.py checks a shortened run; README "CPU quickstart" shows a full one).
 data_dir = "data/shakespeare"
 out_dir = "out/shakespeare_cpu"
 model = "gpt2"

@@ -243,31 +243,8 @@ def shakespeare(tmp_path_factory) -> Path:
                          {"train": [np.concatenate([[EOT], toks[:n]])], "val": [np.concatenate([[EOT], toks[n:]])]})
 
 
-@pytest.mark.slow
-def test_shakespeare_quickstart_learns(shakespeare, tmp_path):
-    """config/shakespeare_cpu.py shortened to its first 50 steps (100k tokens):
-    val loss drops from ln(50257) = 10.8 to below 6.4, under the unigram level (~6.5 nats: train-set token
-    frequencies scored on val). The full 200-step run ends far lower (README "CPU quickstart"). Then sample.py and
-    plot.py run on the result."""
-    out = tmp_path / "shk"
-    r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "config/shakespeare_cpu.py"),
-                        f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=50", "--eval_interval=50",
-                        "--device=cpu"],
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _, val = metrics(out)
-    assert val[0][1] > 10.5 and val[-1][1] < 6.4, val
-    s = subprocess.run([sys.executable, str(REPO / "sample.py"), str(out / "ckpt.pt"), "--prompt", "ROMEO:",
-                        "--max_new_tokens", "20", "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    assert s.returncode == 0 and s.stdout.startswith("ROMEO:") and len(s.stdout) > 30, s.stderr
-    p = subprocess.run([sys.executable, str(REPO / "plot.py"), str(out)], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0 and (out / "metrics.png").read_bytes()[:4] == b"\x89PNG", p.stderr
-
-
 def test_unigram_level_claim(shakespeare):
-    """The 6.5-nat unigram level quoted above and in config/shakespeare_cpu.py, recomputed."""
+    """The ~6.5-nat unigram level quoted in config/shakespeare_cpu.py, recomputed."""
     from data import open_split
 
     tr, va = open_split(shakespeare, "train")[0], open_split(shakespeare, "val")[0]
