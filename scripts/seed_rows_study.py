@@ -38,6 +38,8 @@ def targets_per_row(data_dir: str | Path, rows: str, seq_len: int, min_tokens: i
 
 
 def steps_for(loss_tokens: int, train_args: list[str]) -> int:
+    """Steps for the loss to see loss_tokens real-token targets. seed_loss_on_padding adds the padding targets
+    on top: the same steps and rows as without it."""
     cfg = load_config(train_args)
     rows_per_step = cfg.total_batch_tokens // cfg.seq_len
     per_row = targets_per_row(cfg.data_dir, cfg.rows, cfg.seq_len, cfg.seed_min_tokens)
@@ -45,7 +47,8 @@ def steps_for(loss_tokens: int, train_args: list[str]) -> int:
 
 
 ARM_ROWS = {"packed": "packed rows (today's default)", "seed512": "seed rows, >= 256-token filter (the seed)",
-            "seed512_nofilter": "seed rows, no length filter", "packed_filtered": "packed rows, the seed's filter"}
+            "seed512_nofilter": "seed rows, no length filter", "packed_filtered": "packed rows, the seed's filter",
+            "seed512_padloss": "seed rows, loss on the EOS padding too"}
 BOOTSTRAP = 2000  # resamples of the wikitext pages for its stderr
 
 

@@ -5,6 +5,9 @@
 #   seed512           the seed's rows: per-document 512-token windows, >= 256-token filter, EOS padding masked
 #   seed512_nofilter  the seed's rows without the length filter (seed_min_tokens=0)
 #   packed_filtered   packed rows made of the tokens seed512 keeps (the filter without the row format)
+# and, on request (ARMS=...), the other reading of the seed's collator:
+#   seed512_padloss   seed512 with the loss also on the EOS padding (seed_loss_on_padding=true); the same
+#                     steps and rows as seed512, so it differs from it in the padding targets alone
 # then lm-eval lambada_openai + wikitext at max_length 512 on each model and the summary (table + curves).
 #
 #   bash scripts/seed_rows_study.sh            # 8 runs of ~17 min, two at a time, + ~3 min of lm-eval each
@@ -56,7 +59,9 @@ arm_args() {  # the train.py overrides that make an arm
     seed512) echo --rows=seed512 ;;
     seed512_nofilter) echo --rows=seed512 --seed_min_tokens=0 ;;
     packed_filtered) echo --rows=packed_filtered ;;
-    *) echo "error: unknown arm $1 (packed, seed512, seed512_nofilter, packed_filtered)" >&2; return 2 ;;
+    seed512_padloss) echo --rows=seed512 --seed_loss_on_padding=true ;;
+    *) echo "error: unknown arm $1 (packed, seed512, seed512_nofilter, packed_filtered, seed512_padloss)" >&2
+       return 2 ;;
   esac
 }
 
