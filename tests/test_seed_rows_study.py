@@ -19,15 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from seed_rows_study import eot_split, same_losses, steps_for  # noqa: E402
+from seed_rows_study import ARM_ROWS, eot_split, same_losses, steps_for  # noqa: E402
 
 from conftest import SAMPLE_DATA, hide_gpu  # noqa: E402
 from monitor import read_metrics  # noqa: E402
 from seed_rows import SeedRowLoader  # noqa: E402
+from train_config import load_config  # noqa: E402
 
 ARMS = ("packed", "seed512", "seed512_nofilter", "packed_filtered")
 ARM_ARGS = {"packed": [], "seed512": ["--rows=seed512"], "seed512_nofilter": ["--rows=seed512", "--seed_min_tokens=0"],
-            "packed_filtered": ["--rows=packed_filtered"]}
+            "packed_filtered": ["--rows=packed_filtered"],
+            "seed512_padloss": ["--rows=seed512", "--seed_loss_on_padding=true"]}  # on request (ARMS=...) only
 SEEDS = (1337, 1338)
 
 
@@ -46,6 +48,24 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _launch_argv(run: Path) -> list[str]:
     return next(r["launch"]["argv"] for r in read_metrics(run) if "launch" in r)
+
+
+def test_every_arm_of_the_script_has_a_summary_name_and_loads() -> None:
+    """The shell script's arm_args, the summary's ARM_ROWS and ARM_ARGS above name the same arms with the same
+    overrides, each of which load_config accepts; an unknown arm is refused."""
+    script = (REPO / "scripts" / "seed_rows_study.sh").read_text()
+    start = script.index("arm_args() {")
+    func = script[start:script.index("\n}\n", start) + 3]
+    assert set(ARM_ROWS) == set(ARM_ARGS)
+    for arm, expect in ARM_ARGS.items():
+        r = subprocess.run(["bash", "-c", f"{func}\narm_args {arm}"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.split() == expect, (arm, r.stdout, r.stderr)
+        cfg = load_config([str(REPO / "config" / "seed_rows_cpu.py"), *expect])
+        assert cfg.rows == ("packed" if arm == "packed" else expect[0].split("=")[1])
+        assert cfg.seed_loss_on_padding == (arm == "seed512_padloss")
+        assert cfg.seed_min_tokens == (0 if arm == "seed512_nofilter" else 256)
+    r = subprocess.run(["bash", "-c", f"{func}\narm_args seed1024"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown arm seed1024" in r.stderr
 
 
 @pytest.mark.slow  # the whole study on samples: ~1.5 min on 2 shared cores
@@ -96,6 +116,9 @@ def test_steps_give_every_arm_the_aimed_loss_targets(study: Path) -> None:
         assert steps_for(target, base + ["--rows=seed512", f"--seed_min_tokens={min_tokens}"]) == expect
         assert per_row < 511  # short documents and tails: fewer targets than a packed row's 512
     assert steps_for(10 * 512, base) == 10 == steps_for(10 * 512, base + ["--rows=packed_filtered"])
+    # the padding targets come on top of the real ones: padloss takes seed512's steps (and so its rows)
+    seed = base + ["--rows=seed512"]
+    assert steps_for(10 * 512, seed + ["--seed_loss_on_padding=true"]) == steps_for(10 * 512, seed)
 
 
 @pytest.mark.slow  # reruns one of the study's runs (a few seconds)
