@@ -120,6 +120,13 @@ class RunCheckpoints:
             for old in self.step_files()[self.keep:]:
                 old.unlink(missing_ok=True)  # a ckpt_best.pt link keeps its own copy of the data alive
 
+    def remove_all(self) -> int:
+        """Delete every checkpoint of the run (ckpt.pt, the step files, ckpt_best.pt); the number removed."""
+        files = [p for p in (self.latest, self.best) if p.is_file()] + self.step_files()
+        for p in files:
+            p.unlink(missing_ok=True)
+        return len(files)
+
     def mark_best(self, step: int) -> None:
         """ckpt_best.pt <- the checkpoint of `step` (call it when that step's val loss is the lowest yet)."""
         if self.keep_best and self.step_path(step).is_file():

@@ -158,7 +158,11 @@ class TokenLoader:
         return rows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mine = self._next_rows()[self.rank * self.B : (self.rank + 1) * self.B]
+        return self.rows_at(self._next_rows()[self.rank * self.B : (self.rank + 1) * self.B])
+
+    def rows_at(self, mine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the given global row indices, file order (row g covers tokens [g*T, g*T + T] of the split,
+        whatever the shuffle): next_batch's reader, and the val split's by index."""
         buf = torch.from_numpy(np.stack([self._row(int(g)) for g in mine]).astype(np.int64))
         if int(buf.max()) >= self.vocab_size:  # per batch: cheap, unlike scanning a 10B-token split up front
             g = int(mine[int(buf.amax(dim=1).argmax())])

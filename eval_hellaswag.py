@@ -204,6 +204,12 @@ def render(doc: dict) -> dict:
     }
 
 
+def load_hellaswag(data_path: str | Path | None = None, limit: int | None = None) -> tuple[dict, ...]:
+    """The examples as token requests, loaded, checked and tokenized once (cached): train.py calls this at
+    start, so a missing file or an unreachable hub fails before the first step, not at the first evaluation."""
+    return _rendered(None if data_path is None else str(data_path), limit)
+
+
 @lru_cache(maxsize=4)
 def _rendered(data_path: str | None, limit: int | None) -> tuple[dict, ...]:
     # Cached: train.py calls evaluate_hellaswag many times on the same subset.
@@ -245,7 +251,7 @@ def evaluate_hellaswag(
     if device is None:
         device = next(net.parameters()).device
     max_length = fit_max_length(net, max_length)
-    examples = _rendered(None if data_path is None else str(data_path), limit)
+    examples = load_hellaswag(data_path, limit)
     mine = list(range(rank, len(examples), world_size))
     was_training = net.training
     net.eval()

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import statistics
 import sys
 import time
 import warnings
@@ -109,45 +108,81 @@ def read_metrics(run: str | Path) -> list[dict]:
     return records
 
 
-def wandb_resume_kwargs(wandb_module: object, run_id: str, step: int, resuming: bool) -> dict:
-    """A resumed run continues its wandb run from the checkpoint's step: wandb rejects steps at or below the
-    last one logged, so without a rewind the steps redone after a crash would be dropped from the curves.
-    `resume_from="<id>?_step=<n>"` (wandb >= 0.17.1) forks the history there."""
+def wandb_resume_kwargs(wandb_module: object, run_id: str, step: int, resuming: bool) -> list[dict]:
+    """The wandb.init arguments to try in order. A resumed run first asks to continue its wandb run from the
+    checkpoint's step: wandb rejects steps at or below the last one logged, so without a rewind the steps redone
+    after a crash are dropped from the curves. `resume_from="<id>?_step=<n>"` (wandb >= 0.17.1) forks the history
+    there, but it is a private-preview feature of the W&B service that most accounts are refused; then the run is
+    continued plainly (`resume="allow"`)."""
     import inspect
 
+    plain = {"id": run_id, "resume": "allow"}
     if resuming and "resume_from" in inspect.signature(wandb_module.init).parameters:
-        return {"resume_from": f"{run_id}?_step={step}"}
+        return [{"resume_from": f"{run_id}?_step={step}"}, plain]
     if resuming:
         warnings.warn("this wandb cannot rewind a run (no resume_from): steps redone after the checkpoint will "
                       "be rejected by wandb; upgrade wandb to >= 0.17.1", stacklevel=2)
-    return {"id": run_id, "resume": "allow"}
+    return [plain]
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def start_wandb(cfg: TrainConfig, out_dir: Path, run_id: str, step: int, resuming: bool) -> object | None:
+    """The wandb run, or None with one warning: logging never stops training (metrics.jsonl has every record)."""
+    try:
+        import wandb
+
+        attempts = wandb_resume_kwargs(wandb, run_id, step, resuming)
+    except Exception as e:  # not installed, or broken
+        warnings.warn(f"wandb_log=True but wandb cannot be used ({_first_line(e)}); training goes on without "
+                      "wandb", stacklevel=2)
+        return None
+    for i, kw in enumerate(attempts):
+        try:
+            return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg),
+                              dir=str(out_dir), **kw)
+        except Exception as e:  # refused (rewind not enabled), offline, bad key: try the next, then go on
+            if i + 1 < len(attempts):
+                warnings.warn(f"wandb refused to rewind run {run_id} to step {step} ({_first_line(e)}); continuing "
+                              "it without a rewind: wandb drops the redone steps from its curves", stacklevel=2)
+            else:
+                warnings.warn(f"wandb could not start ({_first_line(e)}); training goes on without wandb "
+                              "(metrics.jsonl has every record)", stacklevel=2)
+    return None
 
 
 class RunLog:
-    """metrics.jsonl (one JSON object per record, on rank 0) and, if asked, the wandb run."""
+    """metrics.jsonl (one JSON object per record, on rank 0) and, if asked, the wandb run.
 
-    def __init__(self, cfg: TrainConfig, d: Dist, out_dir: Path, step: int, max_steps: int, wandb_id: str | None):
+    A resume from step s's checkpoint drops what the killed run recorded after that checkpoint (its steps are
+    redone), keeping only step s's evaluations (run after the checkpoint): `evaluated` names them, so the resumed
+    run owes only the rest."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, out_dir: Path, step: int, max_steps: int, wandb_id: str | None,
+                 resumed: bool = False):
         self.path = out_dir / "metrics.jsonl"
         self.master = d.master
         self.wandb_run = None
         self.wandb_id = wandb_id
+        self.evaluated: dict[str, dict] = {}  # "evaluate" / "hellaswag" -> step s's record of it, if kept
         if not d.master:
             return
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create out_dir {out_dir}: {e.strerror}; choose another out_dir") from e
-        if step < max_steps and self.path.is_file():  # (a finished run resumed keeps its final val record)
-            self._rewrite([r for r in read_metrics(self.path) if r["step"] < step])  # drop what a killed run
-            # wrote after its last checkpoint: the steps are redone
+        if self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if resumed and (
+                r["step"] < step or (r["step"] == step and ("val_loss" in r or "hellaswag_acc_norm" in r)))]
+            self._rewrite(kept)
+            self.evaluated = {name: r for r in kept if r["step"] == step
+                              for name, key in (("evaluate", "val_loss"), ("hellaswag", "hellaswag_acc_norm"))
+                              if key in r}
         if cfg.wandb_log:
-            import wandb
-
-            resuming = wandb_id is not None and step > 0
             self.wandb_id = wandb_id or secrets.token_hex(4)  # kept in the checkpoint: a resume continues it
-            self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
-                                        config=asdict(cfg), dir=str(out_dir),
-                                        **wandb_resume_kwargs(wandb, self.wandb_id, step, resuming))
+            self.wandb_run = start_wandb(cfg, out_dir, self.wandb_id, step, resuming=wandb_id is not None and step > 0)
         if step < max_steps or max_steps == 0:  # what ran and where, for report.py (a finished run's resume: nothing)
             self.record({"step": step, "launch": {"argv": sys.argv, "config": asdict(cfg),
                                                   "machine": machine_info(d.device, d.world_size)}}, to_wandb=False)
@@ -158,34 +193,50 @@ class RunLog:
         os.replace(tmp, self.path)
 
     def record(self, rec: dict, to_wandb: bool = True) -> None:
+        self.record_many([rec], to_wandb)
+
+    def record_many(self, recs: list[dict], to_wandb: bool = True) -> None:
         if not self.master:
             return
-        rec = {**rec, "time": round(time.time(), 3)}  # wall clock (Unix s): report.py's wall time
+        now = round(time.time(), 3)  # wall clock (Unix s): report.py's wall time
+        recs = [{**rec, "time": now} for rec in recs]
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write("".join(json.dumps(rec) + "\n" for rec in recs))
         except OSError as e:  # disk full, out_dir removed or read-only
             raise ConfigError(f"cannot write {self.path}: {e.strerror}; free disk space or choose another "
                               f"out_dir, then continue with --init_from=resume") from e
         if to_wandb and self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in rec.items() if k not in ("step", "time") and v is not None},
-                               step=rec["step"])
+            try:
+                for rec in recs:
+                    self.wandb_run.log({k: v for k, v in rec.items() if k not in ("step", "time") and v is not None},
+                                       step=rec["step"])
+            except Exception as e:  # a logging failure never stops training
+                warnings.warn(f"wandb failed to log step {rec['step']} ({_first_line(e)}); training goes on "
+                              "without wandb (metrics.jsonl has every record)", stacklevel=2)
+                self.wandb_run = None
 
     def close(self) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            try:
+                self.wandb_run.finish()
+            except Exception as e:
+                warnings.warn(f"wandb failed to finish its run ({_first_line(e)})", stacklevel=2)
 
 
-def step_record(step: int, tokens: int, lr: float, values: list[float], seconds: list[float], batch_tokens: int,
+def step_record(step: int, tokens: int, lr: float, values: list[float], step_s: float, batch_tokens: int,
                 flops_per_token: float, peak: float | None, d: Dist) -> dict:
-    """The metrics record of a log step: its loss and grad norm (`values`), and the median speed over the
-    steps since the last log (a median, so one slow step — a checkpoint, an evaluation — does not skew it)."""
-    step_s = statistics.median(seconds)
-    tok_s = batch_tokens / step_s
+    """The metrics record of one optimizer step: its loss and grad norm (`values`) and its speed."""
     loss, norm = values[:2]
-    return {"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
-            "mfu": flops_per_token * tok_s / d.world_size / peak if peak else None, "step_ms": step_s * 1000,
+    return {"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": norm,
+            **speed(step_s, batch_tokens, flops_per_token, peak, d),
             "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None}
+
+
+def speed(step_s: float, batch_tokens: int, flops_per_token: float, peak: float | None, d: Dist) -> dict:
+    tok_s = batch_tokens / step_s
+    return {"tok_per_s": tok_s, "mfu": flops_per_token * tok_s / d.world_size / peak if peak else None,
+            "step_ms": step_s * 1000}
 
 
 def step_line(rec: dict, max_steps: int) -> str:

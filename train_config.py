@@ -32,7 +32,10 @@ class TrainConfig:
     # "scratch" | "resume" (out_dir/ckpt.pt) | "auto" (resume if out_dir/ckpt.pt exists, else scratch: for
     # schedulers and torchrun --max_restarts) | a Hugging Face GPT-2 folder/hub name
     init_from: str = "scratch"
-    overwrite: bool = False  # let init_from=scratch / <HF folder> replace an existing out_dir/ckpt.pt
+    overwrite: bool = False  # init_from=scratch / <HF folder>: delete out_dir's checkpoints and metrics first
+    # a checkpoint saved when training diverged is not resumed unless this names its divergence step (the step
+    # the error line names): continue on purpose from its last good weights, past the bad steps' data
+    resume_diverged_at: int = -1
     # model: a preset of model.PRESETS plus any GPTConfig fields, e.g. {"n_layer": 4, "pos": "rope"}
     model: str = "gpt2"
     model_overrides: dict = field(default_factory=dict)
@@ -114,6 +117,8 @@ class TrainConfig:
         for k in ("micro_batch", "seq_len", "total_batch_tokens", "log_interval"):
             if getattr(self, k) != "auto" and getattr(self, k) <= 0:  # (only micro_batch may be "auto")
                 raise ConfigError(f"{k}={getattr(self, k)} must be positive")
+        if self.resume_diverged_at < -1:
+            raise ConfigError(f"resume_diverged_at={self.resume_diverged_at} must be a step >= 0 (or -1: none)")
         for k in ("warmup_steps", "eval_interval", "hellaswag_interval", "ckpt_interval", "max_bad_steps",
                   "keep_checkpoints"):
             if getattr(self, k) < 0:

@@ -185,7 +185,8 @@ def test_nan_steps_skipped_then_persistent_nan_stops_with_last_good_state(data, 
     assert "warning: step 3: non-finite loss nan" in log and "update skipped (1 in a row)" in log
     err = [ln for ln in log.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "3 consecutive steps with a non-finite loss" in err[0] and "at step 8" in err[0], log
-    assert f"before step 6 (the last good update) are saved in {nan_out / 'ckpt.pt'}" in err[0]
+    assert f"{nan_out / 'ckpt.pt'} holds the weights after step 5 (the last good update)" in err[0]
+    assert "--resume_diverged_at=8" in err[0]
     # reference: the same faults, but a checkpoint at step 6 and a crash before step 6 runs
     faults_ref = {"nan_steps": [3], "crash": {"step": 6, "rank": 0}}
     code, log, _ = finish(start(args(data, good_out, **{**kw, "ckpt_interval": 6}), faults_ref))

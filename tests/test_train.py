@@ -206,7 +206,8 @@ def test_hellaswag_hook(data, tmp_path, monkeypatch):
                           autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu")))
         return {"acc": 0.25, "acc_norm": 0.3 + 0.01 * len(calls)}
 
-    monkeypatch.setitem(sys.modules, "eval_hellaswag", types.SimpleNamespace(evaluate_hellaswag=fake_eval))
+    monkeypatch.setitem(sys.modules, "eval_hellaswag", types.SimpleNamespace(evaluate_hellaswag=fake_eval,
+                                                                          load_hellaswag=lambda *a: ()))
     out = tmp_path / "hs"
     train.train(in_process_cfg(data, out, max_steps=5, eval_interval=2, hellaswag_interval=3, hellaswag_limit=5,
                                hellaswag_path="/x.jsonl", dtype="bf16"))
