@@ -321,6 +321,10 @@ class Trainer:
             wandb_id = self._resume(ckpt, ckpt_path)
         self.resumed = ckpt is not None
         self.runlog = RunLog(cfg, d, ckpts.dir, self.step, self.max_steps, wandb_id, resumed=self.resumed)
+        if d.enabled:  # rank 0 read the record; every rank must run the evaluations it owes (they are collective)
+            shared = [self.runlog.evaluated]
+            dist.broadcast_object_list(shared, src=0)
+            self.runlog.evaluated = shared[0]
         val_bytes = meta.get("text_bytes", {}).get("val")  # bits per byte compare across tokenizers
         self.bytes_per_token = val_bytes / split_tokens(cfg.data_dir, "val") if val_bytes else None
         self.val_loss = self._recorded_val_loss()

@@ -17,6 +17,10 @@ Faults (every key optional):
   "ckpt_write": "enospc" | "slow:SECONDS"
                           every checkpoint write stops half-way and fails like a full disk, or prints
                           "checkpoint write in progress", sleeps, then finishes (so a test can kill it mid-write)
+  "slow": {"step_s": s, "hellaswag_s": h}
+                          every rank sleeps s seconds at the start of every optimizer step (so a test can signal
+                          between steps deterministically), and h seconds (default 0) before every forward pass
+                          in eval mode without targets (HellaSwag's scoring; the val loss passes targets)
 
 The hooks are train.lr_at (called once at the start of every optimizer step), GPT.forward,
 checkpoint._write and train.load_config; train.py itself knows nothing of faults. Exit codes are those of
@@ -45,7 +49,7 @@ import model  # noqa: E402
 import train  # noqa: E402
 from errors import run_main  # noqa: E402
 
-KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write", "data_dir", "out_dir"}
+KINDS = {"nan_steps", "nan_from", "crash", "hang", "ckpt_write", "data_dir", "out_dir", "slow"}
 
 
 def install(faults: dict) -> None:
@@ -55,8 +59,12 @@ def install(faults: dict) -> None:
     rank = int(os.environ.get("RANK", 0))
     real_lr_at, real_forward = train.lr_at, model.GPT.forward
 
+    slow = faults.get("slow") or {}
+
     def lr_at(step: int, cfg: train.TrainConfig, max_steps: int) -> float:
         current["step"] = step
+        if slow.get("step_s"):
+            time.sleep(float(slow["step_s"]))
         for kind in ("crash", "hang"):
             f = faults.get(kind)
             if not f or f["step"] != step or f.get("rank", 0) != rank:
@@ -73,6 +81,9 @@ def install(faults: dict) -> None:
         return real_lr_at(step, cfg, max_steps)
 
     def forward(self: model.GPT, *args: object, **kwargs: object) -> tuple:
+        targets = args[1] if len(args) > 1 else kwargs.get("targets")
+        if slow.get("hellaswag_s") and not self.training and targets is None:
+            time.sleep(float(slow["hellaswag_s"]))
         out = real_forward(self, *args, **kwargs)
         step = current["step"]
         if self.training and out[1] is not None and (
