@@ -571,28 +571,33 @@ class Trainer:
         self.log(f"saved checkpoint {self.ckpts.latest} at step {step} in {time.perf_counter() - t0:.1f} s")
 
     def _evaluate(self, step: int) -> None:
+        t0 = time.perf_counter()
         val = estimate_val_loss(self.eval_model, self.cfg, self.d, self.autocast)
+        seconds = time.perf_counter() - t0  # with the save time, what a stop may have to wait for
         if val < self.best_val:
             self.best_val, self.best_step = val, step
             if self.d.master:
                 self.ckpts.mark_best(step)  # this step's checkpoint, saved before its evaluations
         bpb = val / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
-        self.runlog.record({"step": step, "tokens": self.tokens_seen, "val_loss": val, "val_bpb": bpb})
-        self.log(f"step {step}: val loss {val:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb else ""))
+        self.runlog.record({"step": step, "tokens": self.tokens_seen, "val_loss": val, "val_bpb": bpb,
+                            "eval_s": seconds})
+        self.log(f"step {step}: val loss {val:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb else "")
+                 + f" | {seconds:.1f} s")
         self.val_loss = val
 
     def _hellaswag(self, step: int) -> None:
         from eval_hellaswag import evaluate_hellaswag  # lazy: only runs that ask for it need it
 
-        cfg = self.cfg
+        cfg, t0 = self.cfg, time.perf_counter()
         with self.autocast:  # the run's precision; log-softmax is fp32 inside
             hs = evaluate_hellaswag(self.raw_model, data_path=cfg.hellaswag_path or None,
                                     limit=cfg.hellaswag_limit or None,
                                     max_length=min(512, self.raw_model.config.block_size), device=self.d.device,
                                     rank=self.d.rank, world_size=self.d.world_size)
+        seconds = time.perf_counter() - t0
         self.runlog.record({"step": step, "tokens": self.tokens_seen, "hellaswag_acc_norm": hs["acc_norm"],
-                            "hellaswag_acc": hs["acc"]})
-        self.log(f"step {step}: hellaswag acc_norm {hs['acc_norm']:.4f}")
+                            "hellaswag_acc": hs["acc"], "eval_s": seconds})
+        self.log(f"step {step}: hellaswag acc_norm {hs['acc_norm']:.4f} | {seconds:.1f} s")
 
 
 def main() -> None:
