@@ -75,9 +75,8 @@ def read_run(run_dir: Path) -> tuple[list[Launch], list[dict], list[dict], list[
 
 
 def summarize(launches: list[Launch], train: list[dict], val: list[dict]) -> dict:
-    """The report's numbers. Median tokens/s and MFU are over the logged windows (each record's value is
-    the median step of its window), leaving out the first window of each process (warm-up, compilation:
-    the records that carry first_step_s), unless that leaves nothing."""
+    """The report's numbers. Median tokens/s and MFU are over the recorded steps, leaving out the first step of
+    each process (warm-up, compilation: the records that carry first_step_s), unless that leaves nothing."""
     steady = [r for r in train if "first_step_s" not in r] or train
     speeds = [r["tok_per_s"] for r in steady if r.get("tok_per_s")]
     mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
@@ -308,9 +307,9 @@ def write_report(run_dir: str | Path) -> Path:
             ["wall time", fmt_duration(s["wall_s"]) + (f" ({len(launches)} launches, each from its start to its last "
                                                       "record)" if len(launches) > 1 else " (start to last record)")
              if s["wall_s"] is not None else "not recorded (no launch records)"],
-            ["median tokens/s", f"{s['tok_per_s']:,.0f} (median of {s['windows']} log windows, the first window "
-                                "of each launch left out)" if s["tok_per_s"] else "—"],
-            ["median MFU", f"{100 * s['mfu']:.1f}% (same windows)" if s["mfu"] is not None
+            ["median tokens/s", f"{s['tok_per_s']:,.0f} (median of {s['windows']} steps, the first step of each "
+                                "launch left out)" if s["tok_per_s"] else "—"],
+            ["median MFU", f"{100 * s['mfu']:.1f}% (same steps)" if s["mfu"] is not None
              else "— (no peak FLOP/s for this device: CPU or an unknown GPU; set peak_flops)"],
             ["first step", ", ".join(f"{x:.1f} s" for x in s["first_step_s"]) + " (warm-up, and compilation with "
                            "compile=True; one per launch)" if s["first_step_s"] else "—"],

@@ -72,8 +72,8 @@ def test_summary_equals_metrics(run_dir: Path) -> None:
     summary = dict(section_table((run_dir / "report.md").read_text(), "Summary"))
     assert summary["steps done"] == "8" and [r["step"] for r in train] == list(range(8))
     assert summary["tokens seen"] == f"{8 * 128:,}" == f"{val[-1]['tokens']:,}"
-    steady = [r["tok_per_s"] for r in train if r["step"] not in (0, 4)]  # each launch's first window: warm-up
-    assert summary["median tokens/s"].startswith(f"{statistics.median(steady):,.0f} (median of 6 log windows")
+    steady = [r["tok_per_s"] for r in train if r["step"] not in (0, 4)]  # each launch's first step: warm-up
+    assert summary["median tokens/s"].startswith(f"{statistics.median(steady):,.0f} (median of 6 steps")
     assert summary["median MFU"].startswith("—")  # CPU: no peak FLOP/s
     assert summary["last train loss"] == f"{train[-1]['loss']:.4f} (step 7)"
     assert summary["last val loss"] == f"{val[-1]['val_loss']:.4f} (after 8 steps)"
