@@ -18,9 +18,10 @@ Faults (every key optional):
                           every checkpoint write stops half-way and fails like a full disk, or prints
                           "checkpoint write in progress", sleeps, then finishes (so a test can kill it mid-write)
   "slow": {"step_s": s, "hellaswag_s": h}
-                          every rank sleeps s seconds at the start of every optimizer step (so a test can signal
-                          between steps deterministically), and h seconds (default 0) before every forward pass
-                          in eval mode without targets (HellaSwag's scoring; the val loss passes targets)
+                          every rank prints "slow: step k" at the start of optimizer step k, then sleeps s
+                          seconds (so a test can signal inside a known step, after the sync before it), and
+                          sleeps h seconds (default 0) before every forward pass in eval mode without targets
+                          (HellaSwag's scoring; the val loss passes targets)
 
 The hooks are train.lr_at (called once at the start of every optimizer step), GPT.forward,
 checkpoint._write and train.load_config; train.py itself knows nothing of faults. Exit codes are those of
@@ -64,6 +65,7 @@ def install(faults: dict) -> None:
     def lr_at(step: int, cfg: train.TrainConfig, max_steps: int) -> float:
         current["step"] = step
         if slow.get("step_s"):
+            print(f"slow: step {step}", flush=True)
             time.sleep(float(slow["step_s"]))
         for kind in ("crash", "hang"):
             f = faults.get(kind)
