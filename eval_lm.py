@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 
 from common import autocast_context
 from errors import ArgumentParser, UserError, run_main
-from eval_hellaswag import fit_max_length, load_model_for_eval, score_batch, tok_encode, unwrap
+from scoring import fit_max_length, load_model_for_eval, score_batch, tok_encode, unwrap
 from tokenizer import EOT, get_tokenizer
 
 DEFAULT_TASKS = "hellaswag,lambada_openai,wikitext"

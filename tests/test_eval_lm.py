@@ -21,10 +21,11 @@ from conftest import (
     save_tiny_gpt,  # noqa: E402
     shared_file,
 )
-from eval_hellaswag import evaluate_hellaswag, tok_encode
+from eval_hellaswag import evaluate_hellaswag
 from eval_lm import GPTLM, run_tasks
 from eval_tasks import wikitext_documents, write_local_tasks
 from model import GPT, GPTConfig
+from scoring import tok_encode
 from tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
