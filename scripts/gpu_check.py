@@ -348,12 +348,17 @@ def junit_counts(xml: Path) -> dict:
     return r
 
 
+# One process, in the order of the files: pyproject.toml's addopts (-n auto) need pytest-xdist, which a GPU machine
+# may lack, and the CUDA tests share one GPU.
+SERIAL = ["-o", "addopts=--strict-markers", "-p", "no:cacheprovider"]
+
+
 def step_cuda_tests(c: Check) -> dict:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                    if "mark.cuda" in p.read_text())
     xml = c.work / "cuda_tests.xml"
     xml.unlink(missing_ok=True)
-    argv = [c.py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    argv = [c.py, "-m", "pytest", *SERIAL, "-m", "cuda", "-q", "-rs", f"--junitxml={xml}", *files]
     try:
         c.run("cuda_tests", argv, cap_s=300)
     except StepError:
@@ -669,8 +674,7 @@ def step_pytest(c: Check) -> dict:
     selection = shlex.split(c.args.pytest_args or (REHEARSAL_TESTS if c.rehearse else "tests"))
     xml = c.work / "pytest.xml"
     xml.unlink(missing_ok=True)
-    argv = [c.py, "-m", "pytest", "-m", "not cuda", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}",
-            *selection]
+    argv = [c.py, "-m", "pytest", *SERIAL, "-m", "not cuda", "-rfE", f"--junitxml={xml}", *selection]
     rc, log, _ = c.spawn("pytest", argv, cap_s=c.left(), interrupt_s=20)
     if not xml.is_file():
         raise StepError(f"pytest wrote no report (exit code {rc})", log)

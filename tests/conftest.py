@@ -7,10 +7,13 @@ the tests use it instead of the sample, and the few checks that need a complete 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +24,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Parallel workers (python -m pytest runs `-n auto`, pytest-xdist, one worker per core): each worker's torch, and
+# the processes it starts, take their share of the cores, and each has its own datasets cache (lm-eval and the
+# json loaders write there).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // WORKERS)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    _cache = tempfile.mkdtemp(prefix=f"hf_datasets_{os.environ.get('PYTEST_XDIST_WORKER', 'gw')}_")
+    os.environ.setdefault("HF_DATASETS_CACHE", _cache)
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))  # the full-data mirror

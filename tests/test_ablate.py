@@ -23,6 +23,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import hide_gpu
 from errors import UserError
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [str(REPO / "config/ablations/baseline.py"), str(REPO / "config/ablations/rope.py")]
 # The real ablation configs, shrunk: a 64-token vocabulary (the Markov data's), one layer, a few steps.

@@ -114,6 +114,7 @@ def test_future_tokens_do_not_change_earlier_logits(name):
     assert (a[:, 25:] - b[:, 25:]).abs().max() > 1e-4  # the change is visible where it should be
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", VARIANTS)
 def test_loss_decreases_on_real_text(name, shakespeare_tokens):
     model = tiny(**VARIANTS[name])
@@ -172,6 +173,7 @@ def test_checkpoint_round_trip_and_resume_equal_uninterrupted_training(name, tmp
         assert torch.equal(a, b), k
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", VARIANTS)
 def test_eval_hellaswag_accepts_the_variant(name):
     eval_hellaswag = pytest.importorskip("eval_hellaswag")
@@ -180,6 +182,7 @@ def test_eval_hellaswag_accepts_the_variant(name):
     assert res["n"] == 3 and 0.0 <= res["acc_norm"] <= 1.0
 
 
+@pytest.mark.e2e
 def test_eval_lm_accepts_variants(shared_data):
     """lm-eval's harness through eval_lm.GPTLM on the variants with the most unusual forward passes."""
     eval_lm = pytest.importorskip("eval_lm")
@@ -329,6 +332,7 @@ def _same_weights(reference: GPT, **overrides: object) -> GPT:
     return model
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_doc_mask_kernels_agree(pos):
     dense = tiny(doc_mask=True, pos=pos).eval()
@@ -519,6 +523,7 @@ def test_ablation_config_files_are_one_small_diff_from_the_baseline():
         GPT(mc)  # every ablation config builds its model
 
 
+@pytest.mark.e2e
 def test_modern_preset_trains(tmp_path):
     """config/ablations/modern.py as train.py runs it (Muon + AdamW), 4 steps on a small learnable stream."""
     import train

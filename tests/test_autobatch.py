@@ -116,6 +116,7 @@ def test_search_finds_the_largest_fitting_divisor_in_logarithmic_probes(rows):
                 assert tried[0] == cands[-1]  # from the largest
 
 
+@pytest.mark.e2e
 def test_probes_run_real_steps_and_free_everything(monkeypatch):
     """train.train_step + train.build_optimizer on copies of a tiny GPT, OOM above 10 rows: 8 of the divisors
     of 48 is found; every probe is followed by torch.cuda.empty_cache; the model, its gradients and the RNG
@@ -174,6 +175,7 @@ def _rank(rank: int, init_file: str, limits: tuple[int, int], out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_ranks_probe_independently_then_take_the_smallest(tmp_path):
     """Two gloo ranks with different memory (OOM above 10 / 5 rows) probe different sizes a different number of
     times (so a collective inside a probe would leave one rank waiting); both end with min(8, 4) = 4."""
@@ -185,6 +187,7 @@ def test_ranks_probe_independently_then_take_the_smallest(tmp_path):
 # train.py end to end (CPU)
 
 
+@pytest.mark.e2e
 def test_train_auto_on_cpu_and_resume_keeps_the_checkpoints_micro_batch(data, tmp_path):
     """Scratch: 8 rows per step -> micro_batch 8 (<= the default 16), said in one line. A run at micro_batch 4
     (16 rows per step) killed after its step-3 checkpoint and resumed with auto keeps 4 (the default rule would
@@ -207,6 +210,7 @@ def test_train_auto_on_cpu_and_resume_keeps_the_checkpoints_micro_batch(data, tm
     assert_identical(ref, cut)
 
 
+@pytest.mark.e2e
 def test_train_auto_with_no_dividing_micro_batch_is_one_line(data, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "train.py"),
                         *args(data, tmp_path / "out", micro_batch="auto", total_batch_tokens=100)],

@@ -23,6 +23,8 @@ from _shards import markov_dataset, markov_tokens, write_dataset
 from conftest import hide_gpu
 from test_train import args
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 REPO = Path(__file__).resolve().parent.parent
 KW = dict(max_steps=2, eval_interval=1)
 

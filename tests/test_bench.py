@@ -23,6 +23,7 @@ def run_bench(*extra: str) -> dict:
     return bench.run(bench.parse_args([*TINY, *extra]))
 
 
+@pytest.mark.e2e
 def test_cli_writes_json_with_every_field(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     proc = subprocess.run([sys.executable, "bench.py", *TINY, "--measure-ceiling", "--json", str(out)],
@@ -118,6 +119,7 @@ def test_real_loader_mode(tmp_path: Path) -> None:
     (["--data", "/nonexistent/ds"], "/nonexistent/ds"),
     (["--attention", "nope"], "attention"),
 ])
+@pytest.mark.e2e
 def test_bad_input_is_one_line_exit_2(argv: list[str], needle: str) -> None:
     proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=hide_gpu())  # so --device cuda:0 meets no CUDA on a GPU machine too

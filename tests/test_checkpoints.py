@@ -28,6 +28,7 @@ def data(tmp_path_factory) -> Path:
     return markov_dataset(tmp_path_factory.mktemp("markov") / "data")
 
 
+@pytest.mark.e2e
 def test_keeps_the_last_n_step_checkpoints_and_ckpt_pt_is_the_newest(data, tmp_path):
     out = tmp_path / "run"
     run(args(data, out, max_steps=10, ckpt_interval=2, keep_checkpoints=3, eval_interval=0))
@@ -38,6 +39,7 @@ def test_keeps_the_last_n_step_checkpoints_and_ckpt_pt_is_the_newest(data, tmp_p
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.e2e
 def test_keep_zero_is_ckpt_pt_only_and_keep_best_links_the_lowest_val(data, tmp_path):
     out = tmp_path / "zero"
     run(args(data, out, max_steps=4, ckpt_interval=2, keep_checkpoints=0))
@@ -77,6 +79,7 @@ def test_load_newest_falls_back_with_one_line_and_fails_when_none_loads(tmp_path
     assert RunCheckpoints(tmp_path / "empty", keep=2).load_newest(lines.append) is None
 
 
+@pytest.mark.e2e
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(data, tmp_path):
     """A run killed mid-write leaves half a JSON line; the resume drops it (one warning) instead of failing."""
     out = tmp_path / "torn"

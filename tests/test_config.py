@@ -121,6 +121,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
+@pytest.mark.e2e
 def test_cli_errors(tmp_path):
     data = markov_dataset(tmp_path / "data", train_tokens=4000, val_tokens=2000)
     ok = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--model_overrides={TINY}", "--max_steps=2",

@@ -22,7 +22,7 @@ from _shards import write_dataset  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from conftest import save_tiny_gpt  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 def test_loss_by_position_matches_transformers(tmp_path: Path) -> None:

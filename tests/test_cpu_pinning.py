@@ -73,6 +73,7 @@ def test_unpinned_commands_are_refused(argv: list[str] | str, env: dict | None, 
         assert "without pinning the CPU" in problem and "hide_gpu" in problem
 
 
+@pytest.mark.e2e
 def test_the_guard_is_active_in_a_cpu_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unpinned train.py fails this test before any process starts; the pinned one runs."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

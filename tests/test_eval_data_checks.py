@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -19,6 +20,8 @@ sys.path.insert(0, str(REPO))
 from eval_data_checks import NGRAM, lambada_target_in_context, ngram_hashes, wikitext_overlap  # noqa: E402
 
 from conftest import SAMPLE_DATA, shared_file  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
 
 
 def test_ngram_membership_equals_python_sets() -> None:

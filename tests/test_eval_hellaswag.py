@@ -26,7 +26,7 @@ from eval_hellaswag import evaluate_hellaswag, load_examples
 from eval_tasks import write_local_tasks
 from scoring import encode_pair, tok_encode
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,13 @@ def first_argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
 
-@pytest.mark.slow  # ~70 s on 2 shared cores; still run in CI
-def test_equals_lm_eval_hf_on_200_examples(tiny: dict, tmp_path: Path) -> None:
+@pytest.mark.slow  # ~15 s on 2 shared cores; still run in CI
+def test_equals_lm_eval_hf_on_100_examples(tiny: dict, tmp_path: Path) -> None:
     data = shared_file("hellaswag_val.jsonl")
-    ours = evaluate_hellaswag(load_model(tiny["ckpt"]), data, limit=200, batch_size=4, return_examples=True)
-    ref = lm_eval_hf(tiny["hf"], tmp_path, max_length=512, limit=200)
-    assert ours["n"] == len(ref["samples"]) == 200
-    docs = load_examples(data, 200)
+    ours = evaluate_hellaswag(load_model(tiny["ckpt"]), data, limit=100, batch_size=4, return_examples=True)
+    ref = lm_eval_hf(tiny["hf"], tmp_path, max_length=512, limit=100)
+    assert ours["n"] == len(ref["samples"]) == 100
+    docs = load_examples(data, 100)
     for ex, s, doc in zip(ours["examples"], ref["samples"], docs):
         ref_lls = [r[0] for r in s["filtered_resps"]]
         assert ex["lls"] == pytest.approx(ref_lls, rel=1e-5)

@@ -28,7 +28,7 @@ from model import GPT, GPTConfig
 from scoring import tok_encode
 from tokenizer import get_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,12 @@ def test_cli_on_a_variant_hf_cannot_load(tmp_path: Path, shared_data: Path) -> N
     assert got["perplexity,none"] == ref["perplexity,none"] and got["acc,none"] == ref["acc,none"]
 
 
-@pytest.mark.slow  # 4 CLI runs, each importing lm_eval (~30 s); still run in CI
 def test_bad_input_is_one_line_exit_2(tiny: dict, tmp_path: Path, shared_data: Path) -> None:
+    """Each bad input is a UserError naming it (through main(): lm-eval is imported once); the CLI turns one into
+    a single `error:` line and exit 2 (errors.run_main, the same for every case)."""
+    import eval_lm
+    from errors import UserError
+
     not_ckpt = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, not_ckpt)
     cases = {
@@ -150,10 +154,12 @@ def test_bad_input_is_one_line_exit_2(tiny: dict, tmp_path: Path, shared_data: P
         "unknown lm-eval task": [str(tiny["ckpt"]), "--tasks", "nosuchtask"],
     }
     for expected, args in cases.items():
-        proc = run_cli(*args)
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr[-2000:]
+        with pytest.raises(UserError, match=expected):
+            eval_lm.main([*args, "--device", "cpu"])
+    proc = run_cli(*cases["unknown lm-eval task"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "unknown lm-eval task" in lines[0], proc.stderr
 
 
 def test_model_shorter_than_max_length_is_scored_at_its_block_size(tmp_path: Path, shared_data: Path) -> None:

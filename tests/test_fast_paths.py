@@ -260,6 +260,7 @@ def test_train_step_has_no_cuda_sync(dtype: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -26,6 +26,8 @@ from _shards import markov_dataset
 from checkpoint import load_checkpoint
 from test_train import RESUME, args, assert_identical, ckpt, env, metrics, run
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 REPO = Path(__file__).resolve().parent.parent
 KW = {**RESUME, "max_steps": 12, "ckpt_interval": 2}  # dropout 0.1 inside: RNG state must survive too
 DDP_KW = {**KW, "micro_batch": 2}  # 2 ranks x grad_accum 2 = one process's global batch

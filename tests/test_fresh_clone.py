@@ -21,6 +21,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 
 def unigram_level(clone: Path) -> float:
     """Val cross-entropy of predicting the train split's token frequencies (add-1e-3 smoothed), in nats."""

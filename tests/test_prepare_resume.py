@@ -25,6 +25,8 @@ from conftest import REPO, shared_file
 from errors import run_main
 from test_prepare_data import assert_one_line_error, cli, decode_docs, run, shard_bytes, split_tokens
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 # Tiny Shakespeare in 15 train + 2 val shards, written over ~56 batches by 2 workers
 ARGS = ["--dataset", "shakespeare", "--shard-tokens", 20_000, "--batch-chars", 20_000, "--num-proc", 2]
 

@@ -21,7 +21,7 @@ from conftest import REPO, SAMPLE_DATA, shared_file
 from model import GPT, GPTConfig
 from test_train import TINY, args, run
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 MODEL = {**TINY, "vocab_size": 50257, "block_size": 64}  # GPT-2's vocabulary: the eval CLIs read real text
 

@@ -26,6 +26,8 @@ from monitor import read_metrics  # noqa: E402
 from train import estimate_val_loss  # noqa: E402
 from train_config import load_config  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 CONFIG = str(REPO / "config" / "wikipedia_cpu.py")
 
 

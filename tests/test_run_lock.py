@@ -17,7 +17,8 @@ from run_lock import LOCK_FILE, fcntl, run_lock
 from test_train import args, env, run
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(fcntl is None, reason="no fcntl.flock on this platform: runs are not locked")
+pytestmark = [pytest.mark.skipif(fcntl is None, reason="no fcntl.flock on this platform: runs are not locked"),
+              pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ def requests() -> list[tuple[str, str]]:
     return pairs
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("max_length", [512, 32])
 def test_score_batch_equals_lm_eval_hf(tiny: dict, max_length: int) -> None:
     """Every request's summed log-probability and greedy flag equal lm-eval's HFLM on the same weights, with

@@ -95,6 +95,7 @@ def test_batches_are_the_collators(wiki):
         assert x.dtype == y.dtype == torch.int64
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_loss_and_logits_ignore_the_padding(wiki, tmp_path, attention):
     """Loss = GPT2LMHeadModel's with the attention mask and -100 labels (its mean over real targets), and the
@@ -244,6 +245,7 @@ def loss_tokens(out: Path) -> list[int]:
     return [json.loads(r)["loss_tokens"] for r in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
 
 
+@pytest.mark.e2e
 def test_seed_rows_resume_after_sigterm_is_bit_identical(docs_data, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run(args(docs_data, ref, **SEED_RUN))
@@ -262,6 +264,7 @@ def test_seed_rows_resume_after_sigterm_is_bit_identical(docs_data, tmp_path):
     assert counts == expected and counts[-1] < 8 * 8 * 511  # the padding is not counted
 
 
+@pytest.mark.e2e
 def test_seed_rows_ddp_equals_single_process(docs_data, tmp_path):
     """One process with grad_accum=4 vs torchrun 2 x gloo with grad_accum=2: the same rows and padding per
     step, so the same losses and loss_tokens."""
@@ -275,6 +278,7 @@ def test_seed_rows_ddp_equals_single_process(docs_data, tmp_path):
     assert loss_tokens(one) == loss_tokens(two)
 
 
+@pytest.mark.e2e
 def test_packed_filtered_without_filter_trains_like_packed(docs_data, tmp_path):
     """train.py with rows=packed_filtered, seed_min_tokens=0 is the packed run, bit for bit; loss_tokens of
     packed rows = tokens (every target is a real token)."""

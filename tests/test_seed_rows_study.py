@@ -26,6 +26,8 @@ from monitor import read_metrics  # noqa: E402
 from seed_rows import SeedRowLoader  # noqa: E402
 from train_config import load_config  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # whole programs: the quick loop (-m "not e2e") leaves them out
+
 ARMS = ("packed", "seed512", "seed512_nofilter", "packed_filtered")
 ARM_ARGS = {"packed": [], "seed512": ["--rows=seed512"], "seed512_nofilter": ["--rows=seed512", "--seed_min_tokens=0"],
             "packed_filtered": ["--rows=packed_filtered"],

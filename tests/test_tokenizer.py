@@ -32,6 +32,7 @@ def test_known_ids():
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
 
 
+@pytest.mark.e2e
 def test_tinyshakespeare_round_trip_and_equals_hf_tokenizer():
     from transformers import GPT2TokenizerFast
 
@@ -45,6 +46,7 @@ def test_tinyshakespeare_round_trip_and_equals_hf_tokenizer():
     assert hf(text)["input_ids"] == ids
 
 
+@pytest.mark.e2e
 def test_shipped_files_need_no_package_and_equal_tiktokens_gpt2(tmp_path, monkeypatch):
     """With no tokenizer package findable and no $GPT2_BPE_DIR, the files in data/gpt2_bpe are used. Reference:
     tiktoken's own "gpt2" definition (tiktoken_ext.openai_public, with its pinned sha256 checks), its download
