@@ -121,8 +121,27 @@ def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
-@pytest.mark.e2e
-def test_cli_errors(tmp_path):
+def in_process_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+                   ) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` run in this process (errors.run_main around train.main, as the script's own entry
+    point): its exit code, stdout and stderr."""
+    import train
+    from errors import run_main
+
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    capsys.readouterr()
+    try:
+        run_main(train.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_cli_errors(tmp_path, monkeypatch, capsys):
+    """Each bad command is one `error:` line and exit 2 (in-process through train.py's own entry point; the first
+    case also as a real process)."""
     data = markov_dataset(tmp_path / "data", train_tokens=4000, val_tokens=2000)
     ok = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--model_overrides={TINY}", "--max_steps=2",
           "--micro_batch=2", "--seq_len=16", "--total_batch_tokens=64", "--eval_interval=0", "--dtype=fp32",
@@ -131,15 +150,17 @@ def test_cli_errors(tmp_path):
     bad_syntax.write_text("lr = = 3\n")
     unknown = tmp_path / "unknown.py"
     unknown.write_text("learning_rate = 3e-4\n")
+    cli = lambda *args: in_process_cli(monkeypatch, capsys, *args)  # noqa: E731
     assert_one_line_error(run_cli(str(tmp_path / "missing.py")), "does not exist")
-    assert_one_line_error(run_cli(str(bad_syntax)), "syntax error")
-    assert_one_line_error(run_cli(str(unknown)), "unknown key 'learning_rate'")
-    assert_one_line_error(run_cli(*ok, "--max_steps=two"), "--max_steps=two: not a valid int")
-    assert_one_line_error(run_cli(*ok, f"--data_dir={tmp_path / 'nodata'}"), "does not exist")
-    assert_one_line_error(run_cli(*ok, "--total_batch_tokens=100"), "not divisible")
-    assert_one_line_error(run_cli(*ok, "--init_from=resume"), "ckpt.pt does not exist")
-    r = run_cli(*ok)  # a real 2-step run writes the checkpoint the next two commands resume from
+    assert_one_line_error(cli(str(tmp_path / "missing.py")), "does not exist")
+    assert_one_line_error(cli(str(bad_syntax)), "syntax error")
+    assert_one_line_error(cli(str(unknown)), "unknown key 'learning_rate'")
+    assert_one_line_error(cli(*ok, "--max_steps=two"), "--max_steps=two: not a valid int")
+    assert_one_line_error(cli(*ok, f"--data_dir={tmp_path / 'nodata'}"), "does not exist")
+    assert_one_line_error(cli(*ok, "--total_batch_tokens=100"), "not divisible")
+    assert_one_line_error(cli(*ok, "--init_from=resume"), "ckpt.pt does not exist")
+    r = cli(*ok)  # a real 2-step run writes the checkpoint the next two commands resume from
     assert r.returncode == 0, r.stderr
-    assert_one_line_error(run_cli(*ok, "--init_from=resume", "--model_overrides.n_layer=2"), "n_layer")
-    r = run_cli(*ok, "--init_from=resume", "--max_steps=3")
+    assert_one_line_error(cli(*ok, "--init_from=resume", "--model_overrides.n_layer=2"), "n_layer")
+    r = cli(*ok, "--init_from=resume", "--max_steps=3")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
