@@ -44,8 +44,16 @@ SHIPPED_DATA = REPO / "data"  # complete files the repository ships: tinyshakesp
 EVAL_FILES = ("hellaswag_val.jsonl", "lambada_openai_test.jsonl", "wikitext2_raw/wiki.test.raw")
 
 
+# The longest files (2-core VM, 2026-12-05), started first so that parallel workers finish together.
+LONGEST_FIRST = ("test_fresh_clone.py", "test_seed_rows_study.py", "test_gpu_check.py", "test_lifecycle.py",
+                 "test_reproduction_smoke.py", "test_faults.py", "test_eval_hellaswag.py", "test_train.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked cuda (pytest.mark.cuda) skip on a machine without a CUDA GPU; `pytest -m cuda` selects them."""
+    """The longest files first (a scheduling hint for pytest-xdist; within a file the order stays). Tests marked
+    cuda (pytest.mark.cuda) skip on a machine without a CUDA GPU; `pytest -m cuda` selects them."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.py runs these)")
