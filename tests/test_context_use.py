@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "scripts"))  # after the top-level modules: a script never shadows one
 
 from context_use import row_losses, summarize  # noqa: E402
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "scripts"))  # after the top-level modules: a script never shadows one
 
 from eval_data_checks import NGRAM, lambada_target_in_context, ngram_hashes, wikitext_overlap  # noqa: E402
 

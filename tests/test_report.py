@@ -84,7 +84,7 @@ def test_summary_equals_metrics(run_dir: Path) -> None:
     assert [recs[i]["step"] for i in starts] == [0, 4]
     ends = [*starts[1:], len(recs)]
     wall = sum(recs[e - 1]["time"] - recs[s]["time"] for s, e in zip(starts, ends))
-    assert 0 < wall < 120 and summary["wall time"].startswith(f"{round(wall)} s (2 launches")
+    assert wall > 0 and summary["wall time"].startswith(f"{round(wall)} s (2 launches")
 
 
 def test_command_config_and_machine(run_dir: Path) -> None:
