@@ -75,10 +75,22 @@ def test_padded_vocab_gives_same_logits_loss_and_grads() -> None:
     assert gb[300:].abs().max() == 0  # padding rows get no gradient
 
 
+def torch_can_fuse_adamw(device: str) -> bool:
+    """Whether torch's own AdamW(fused=True) takes a step on a tensor of this device: asked of torch directly, the
+    reference for optim's "fused wherever torch has the kernel" (not optim.fused_adamw_available)."""
+    p = torch.nn.Parameter(torch.ones(4, device=device))
+    p.grad = torch.full_like(p, 0.5)
+    try:
+        torch.optim.AdamW([p], lr=0.1, fused=True).step()
+    except (TypeError, RuntimeError, ValueError):  # no fused argument / no fused kernel for this device
+        return False
+    return bool((p.detach() < 1).all())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_adamw_matches_foreach(device: str) -> None:
-    if not optim.fused_adamw_available(device):
-        pytest.skip(f"fused AdamW is not available on {device} in torch {torch.__version__}")
+    if not torch_can_fuse_adamw(device):
+        pytest.skip(f"torch {torch.__version__} has no fused AdamW for {device}")
     torch.manual_seed(0)
     cfg = tiny()
     a = GPT(cfg).to(device)
@@ -95,13 +107,56 @@ def test_fused_adamw_matches_foreach(device: str) -> None:
     assert la[-1] < la[0]  # the optimizer did train
 
 
-def test_make_adamw_default_is_fused_where_available() -> None:
-    """Fused wherever torch has it: train_step relies on it to skip a non-finite update on the device."""
-    opt = optim.make_adamw(param_groups(GPT(tiny()), 0.1), lr=1e-3)
-    assert bool(opt.defaults.get("fused")) == optim.fused_adamw_available("cpu")
-    # weight decay on matrices only: biases and LayerNorm gains are in the no-decay group
-    assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"]) and opt.param_groups[0]["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0.0
+def test_make_adamw_default_is_fused_where_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused wherever torch has it: train_step relies on it to skip a non-finite update on the device. The
+    reference is torch itself (torch_can_fuse_adamw: AdamW(fused=True) stepping a CPU tensor): make_adamw's
+    default and the optimizer train.py builds (optim.build_optimizer) say fused and run torch's fused kernel
+    exactly then, and two steps of each equal torch's single-tensor AdamW with GPT-2's decay groups written
+    out here (decay on >= 2-D weights only) at the config's lr, betas, eps and weight decay."""
+    from train_config import TrainConfig
+
+    fusable = torch_can_fuse_adamw("cpu")
+    cfg = TrainConfig(max_steps=1)
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    _, loss = model(*batch(tiny()))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    ref, built = copy.deepcopy(model), copy.deepcopy(model)
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False, fused=False)
+    opts = {"make_adamw": (model, optim.make_adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)),
+            "build_optimizer": (built, optim.build_optimizer(cfg, common.Dist(device=torch.device("cpu")), built)),
+            "reference": (ref, ref_opt)}
+    kernel_calls: list[int] = []
+    fused_kernel = torch._fused_adamw_
+
+    def counted(*a: object, **k: object) -> object:
+        kernel_calls.append(1)
+        return fused_kernel(*a, **k)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counted)
+    fused_calls = {}
+    for name, (m, opt) in opts.items():
+        kernel_calls.clear()
+        for _ in range(2):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+        fused_calls[name] = len(kernel_calls)
+    monkeypatch.undo()
+    for name in ("make_adamw", "build_optimizer"):
+        m, opt = opts[name]
+        assert bool(opt.defaults.get("fused")) == fusable, name
+        assert (fused_calls[name] > 0) == fusable, (name, fused_calls)
+        for p, r in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-8)
+    assert fused_calls["reference"] == 0
+    assert not torch.equal(ref.transformer.ln_f.weight, model.transformer.ln_f.weight.new_ones(32))  # it stepped
 
 
 @needs_cuda
@@ -117,14 +172,26 @@ def test_autocast_loss_close_to_fp32_on_cuda(dtype: str) -> None:
     torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
 
 
-def test_tf32_switch() -> None:
+def test_tf32_off_gives_full_fp32_matmuls() -> None:
+    """configure_backends(tf32=False), as train.py calls it on CPU and bench.py with --no-tf32 / --plain, also
+    after tf32=True (--vs-plain toggles it per step): fp32 matmuls as the model runs them (matmul, linear,
+    batched) equal a float64 reference to fp32 accuracy, which TF32 or bf16 inputs (10- / 7-bit mantissas) miss
+    by 10x and more. tf32=True turns on the flags cuBLAS and cuDNN read (test_tf32_matmul_close_to_fp32 runs
+    TF32 on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 1024, generator=g), torch.randn(1024, 256, generator=g)
+    ref = a.double() @ b.double()  # entries ~ N(0, 1024): |x| up to ~100
     try:
         common.configure_backends(tf32=True)
-        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         common.configure_backends(tf32=False)
-        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        outs = [a @ b, torch.nn.functional.linear(a, b.T.contiguous()), torch.bmm(a[None], b[None])[0]]
     finally:
         common.configure_backends(tf32=False)
+    for out in outs:
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3)
 
 
 @needs_cuda
@@ -370,6 +437,6 @@ def test_zero1_uses_flat_bucket_views(tmp_path) -> None:
         opt = build_optimizer(TrainConfig(max_steps=1, zero1=True), common.Dist(device=torch.device("cpu")),
                               GPT(tiny()))
         assert type(opt).__name__ == "ZeroRedundancyOptimizer" and opt.parameters_as_bucket_view
-        assert opt.optim.defaults.get("fused") == optim.fused_adamw_available("cpu")
+        assert bool(opt.optim.defaults.get("fused")) == torch_can_fuse_adamw("cpu")
     finally:
         dist.destroy_process_group()
