@@ -38,8 +38,8 @@ def env() -> dict:  # the GPU hidden: ablate.py's HellaSwag column evaluates on 
                      "WANDB_MODE": "disabled"})
 
 
-def sweep_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "ablate.py"), *args], cwd=REPO, env=env(),
+def sweep_cli(*args: str, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "ablate.py"), *args], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -76,10 +76,13 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def swept(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sweep")
-    r = sweep_cli(*tiny_args(data, out))
+    """A finished baseline + rope sweep that tests read and never write (a test that reruns ablate.py works on a
+    copy). Its --out-dir is relative, as the presets' are (out/ablations_cpu), run from the folder above it: the
+    runs' recorded out_dir is then "sweep/<run>", the same for a copy of the folder run from beside it."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    r = sweep_cli(*tiny_args(data, Path("sweep")), cwd=cwd)
     assert r.returncode == 0, r.stdout + r.stderr
-    return out
+    return cwd / "sweep"
 
 
 def test_table_numbers_are_the_runs_metrics(swept, data, tmp_path):
@@ -113,14 +116,19 @@ def test_table_numbers_are_the_runs_metrics(swept, data, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_rerun_skips_finished_runs(swept, data):
-    before = {p: p.stat().st_mtime_ns for p in swept.glob("*/*") if p.name in ("ckpt.pt", "metrics.jsonl")}
-    old = table(swept / "results.md")
-    r = sweep_cli(*tiny_args(data, swept))
+def test_rerun_skips_finished_runs(swept, data, tmp_path):
+    """The same command again (on a copy of the sweep, run from beside it as the sweep was) trains nothing and
+    rewrites the same table."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(swept, copy)  # copy2: the files keep their mtimes
+    before = {p: p.stat().st_mtime_ns for p in copy.glob("*/*") if p.name in ("ckpt.pt", "metrics.jsonl")}
+    old = table(copy / "results.md")
+    (copy / "results.md").unlink()  # so that the table read below is the rerun's
+    r = sweep_cli(*tiny_args(data, Path("sweep")), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("finished earlier, skipped") == 2 and "training" not in r.stdout
     assert before == {p: p.stat().st_mtime_ns for p in before} and len(before) == 4
-    new = table(swept / "results.md")
+    new = table(copy / "results.md")
     for name in old:
         for col in ("final train loss", "final val loss", "tokens/s"):
             assert new[name][col] == old[name][col]
@@ -170,29 +178,47 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(data, tmp_path):
 
 @pytest.mark.slow
 def test_hellaswag_column(data, tmp_path):
-    """The acc_norm cell is eval_hellaswag.evaluate_hellaswag on the final checkpoint (a real-vocab model)."""
-    from conftest import shared_file
-
-    hs = shared_file("hellaswag_val.jsonl")
+    """The acc_norm cell is what eval_hellaswag.py, run as its own program, reports for the final checkpoint with
+    the same limit and max_length; and that checkpoint's HellaSwag scores are the trained weights' (they differ
+    from the same model freshly initialised)."""
     import torch
 
+    from conftest import shared_file
     from eval_hellaswag import evaluate_hellaswag
+    from model import GPT, GPTConfig
 
+    hs, limit = shared_file("hellaswag_val.jsonl"), 5  # (on 3 examples this model's four metrics are all 1/3)
     out = tmp_path / "hs"
-    r = sweep_cli(*base_args(data, out, "--hellaswag-limit=3", f"--hellaswag-data={hs}",
+    r = sweep_cli(*base_args(data, out, f"--hellaswag-limit={limit}", f"--hellaswag-data={hs}",
                              "--set=model_overrides.vocab_size=50257"))
     assert r.returncode == 0, r.stderr
-    model = model_from_checkpoint(load_checkpoint(out / "baseline" / "ckpt.pt")).eval()
-    with torch.no_grad():
-        want = evaluate_hellaswag(model, data_path=hs, limit=3, max_length=model.config.block_size)["acc_norm"]
-    assert table(out / "results.md")["baseline"]["HellaSwag acc_norm"] == f"{want:.4f}"
+    ckpt_path = out / "baseline" / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    max_length = min(512, ckpt["model_config"]["block_size"])  # the protocol's 512, or what the model can see
+    cli = subprocess.run([sys.executable, str(REPO / "eval_hellaswag.py"), str(ckpt_path), "--data", str(hs),
+                          "--limit", str(limit), "--max-length", str(max_length), "--device", "cpu",
+                          "--out", str(tmp_path / "hs.json")], cwd=REPO, env=env(), capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    want = json.loads((tmp_path / "hs.json").read_text())
+    assert want["n"] == limit and want["max_length"] == max_length
+    assert table(out / "results.md")["baseline"]["HellaSwag acc_norm"] == f"{want['acc_norm']:.4f}"
+    # the trained weights against the same config freshly initialised (with the run's seed)
+    torch.manual_seed(ckpt["train_config"]["seed"])
+    fresh = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    scored = {name: evaluate_hellaswag(m, data_path=hs, limit=limit, max_length=max_length, return_examples=True)
+              for name, m in (("trained", model_from_checkpoint(ckpt)), ("fresh", fresh))}
+    metrics = ("acc", "acc_norm", "llmc_acc", "llmc_acc_norm")
+    assert {m: scored["trained"][m] for m in metrics} == {m: want[m] for m in metrics}  # the program's numbers
+    lls = {name: torch.tensor([ex["lls"] for ex in res["examples"]]) for name, res in scored.items()}
+    assert (lls["trained"] - lls["fresh"]).abs().max() > 0.1, lls
 
 
 def test_bad_input_on_the_command_line_is_one_line_exit_2(tmp_path):
     r = sweep_cli("config/ablations/nope_typo.py", "--out-dir", str(tmp_path), timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: config file config/ablations/nope_typo.py does not exist"], r.stderr
-    r = sweep_cli(CONFIGS[0], "--set", "max_steps", timeout=120)
+    r = sweep_cli(CONFIGS[0], "--set", "max_steps", "--out-dir", str(tmp_path), timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "KEY=VALUE" in r.stderr
     assert not list(tmp_path.iterdir())  # nothing trained
 
@@ -354,6 +380,20 @@ def test_learn_preset_runs_every_variant_with_its_seeds_headline_ones_first():
     assert all("@" not in c for c in configs[12:22]) and all(c.endswith("@1338") for c in configs[22:])
 
 
+def first_crossing(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Tokens at which the val loss first gets down to target: the first evaluation at or below it, or np.interp
+    on the segment from the evaluation before it (loss falling from above target); None if none gets there."""
+    import numpy as np
+
+    for i, (tokens, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return float(tokens)
+            (t_prev, l_prev) = curve[i - 1]
+            return float(np.interp(target, [loss, l_prev], [tokens, t_prev]))
+    return None
+
+
 def test_parallel_sweep_equals_the_sequential_one_and_pools_seeds(swept, data, tmp_path):
     """--jobs 2 trains the same runs as one at a time (bit for bit), and the variant table is the seeds'
     statistics computed here from each run's metrics.jsonl."""
@@ -378,7 +418,7 @@ def test_parallel_sweep_equals_the_sequential_one_and_pools_seeds(swept, data, t
     assert rows["rope"]["Δ vs baseline"] == f"{np.mean(v) - np.mean(b):+.4f} ± {se:.4f}"
     curves = [[(r["tokens"], r["val_loss"]) for r in records(out / n) if "val_loss" in r]
               for n in ("rope", "rope_seed1338")]
-    reach = [ablate.tokens_to_reach(c, float(np.mean(b))) for c in curves]
+    reach = [first_crossing(c, float(np.mean(b))) for c in curves]
     want = "not reached" if None in reach else f"{np.mean(reach) / (6 * 64):.2f}"  # 6 steps x 64 tokens
     assert rows["rope"]["token efficiency"].startswith(want)
     assert set(table(out / "results.md")) == set(final)

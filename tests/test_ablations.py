@@ -173,25 +173,83 @@ def test_checkpoint_round_trip_and_resume_equal_uninterrupted_training(name, tmp
         assert torch.equal(a, b), k
 
 
+def loglikelihood_by_hand(model: GPT, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """The second code path for the evaluators' scores: one plain forward of context + continuation (no batching,
+    padding, truncation or head hook), log_softmax in float64, summed over the continuation's tokens; and whether
+    each continuation token is the argmax (lm-eval's is_greedy)."""
+    tokens = context + continuation
+    assert len(tokens) <= model.config.block_size  # short enough that no evaluator truncates it
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor(tokens[:-1])[None])[0][0, len(context) - 1:]  # predicting the continuation
+    logprobs = F.log_softmax(logits.double(), dim=-1)
+    target = torch.tensor(continuation)
+    return logprobs[torch.arange(len(continuation)), target].sum().item(), bool((logprobs.argmax(-1) == target).all())
+
+
+def first_max(values: list[float]) -> int:
+    return values.index(max(values))
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", VARIANTS)
 def test_eval_hellaswag_accepts_the_variant(name):
-    eval_hellaswag = pytest.importorskip("eval_hellaswag")
+    """evaluate_hellaswag on each variant: every ending's log-likelihood is the variant's plain forward scored here
+    by hand, and acc / acc_norm are the argmax of those sums / of the sums per character of the ending."""
+    import json
+
+    from eval_hellaswag import evaluate_hellaswag, preprocess
+    from scoring import encode_pair
+
     model = tiny(**{**VARIANTS[name], **GPT2_VOCAB, "block_size": 256})
-    res = eval_hellaswag.evaluate_hellaswag(model, shared_file("hellaswag_val.jsonl"), limit=3, max_length=256)
-    assert res["n"] == 3 and 0.0 <= res["acc_norm"] <= 1.0
+    path = shared_file("hellaswag_val.jsonl")
+    res = evaluate_hellaswag(model, path, limit=3, max_length=256, return_examples=True)
+    docs = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()[:3]]
+    assert res["n"] == 3 and [ex["idx"] for ex in res["examples"]] == [0, 1, 2]
+    hits, hits_norm = 0, 0
+    for doc, ex in zip(docs, res["examples"]):
+        query = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        endings = [preprocess(e) for e in doc["endings"]]
+        lls = [loglikelihood_by_hand(model, *encode_pair(query, " " + e))[0] for e in endings]
+        assert ex["lls"] == pytest.approx(lls, abs=1e-3), name
+        pred, pred_norm = first_max(lls), first_max([ll / len(e) for ll, e in zip(lls, endings)])
+        assert (ex["pred"], ex["pred_norm"], ex["label"]) == (pred, pred_norm, int(doc["label"])), name
+        hits, hits_norm = hits + (pred == int(doc["label"])), hits_norm + (pred_norm == int(doc["label"]))
+    assert (res["acc"], res["acc_norm"]) == (pytest.approx(hits / 3), pytest.approx(hits_norm / 3)), name
+    assert len({tuple(ex["lls"]) for ex in res["examples"]}) == 3  # three different examples were scored
 
 
 @pytest.mark.e2e
 def test_eval_lm_accepts_variants(shared_data):
-    """lm-eval's harness through eval_lm.GPTLM on the variants with the most unusual forward passes."""
+    """lm-eval's harness through eval_lm.GPTLM on the variants with the most unusual forward passes: each LAMBADA
+    passage's log-likelihood of its last word (lm-eval's per-sample values) is the variant's plain forward scored
+    here by hand, and the reported perplexity and accuracy are exp(-mean) of those and the mean of is_greedy."""
+    import json
+    import math
+
     eval_lm = pytest.importorskip("eval_lm")
+    from scoring import encode_pair
+
+    lines = (shared_data / "lambada_openai_test.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(ln)["text"] for ln in lines[:4]]
     for name in ("moe", "doc_mask_rope_manual", "llama_like"):
         model = tiny(**{**VARIANTS[name], **GPT2_VOCAB, "block_size": 256})
         out = eval_lm.run_tasks(model, ["lambada_openai"], data_dir=shared_data, max_length=256, limit=4,
-                                bootstrap_iters=0)
+                                bootstrap_iters=0, log_samples=True)
         (metrics,) = out["results"].values()
-        assert 0.0 <= metrics["acc,none"] <= 1.0, name
+        (samples,) = out["samples"].values()
+        assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3], name
+        lls, greedy = [], []
+        for s in sorted(samples, key=lambda s: s["doc_id"]):
+            words = texts[s["doc_id"]].split(" ")
+            context, target = " ".join(words[:-1]), " " + words[-1]  # LAMBADA: the passage's last word
+            assert [tuple(a) for a in s["arguments"]] == [(context, target)], name
+            ll, is_greedy = loglikelihood_by_hand(model, *encode_pair(context, target))
+            assert s["perplexity"] == pytest.approx(ll, abs=1e-3) and s["acc"] == int(is_greedy), name
+            lls.append(ll)
+            greedy.append(is_greedy)
+        assert metrics["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 4), rel=1e-4), name
+        assert metrics["acc,none"] == pytest.approx(sum(greedy) / 4), name
+        assert len(set(lls)) == 4  # four different passages were scored
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,10 +359,50 @@ class _Fn(nn.Module):
         return self.fn(x)
 
 
-def test_qk_norm_normalizes_each_head():
-    model = tiny(qk_norm=True)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_qk_norm_normalizes_each_head(norm):
+    """qk_norm: the q and k the attention kernel gets are each head's 16-dim vectors normalized by the config's
+    norm (eps, gain, bias as written out here), and the attention output is softmax(q_n k_n^T / sqrt(16)) v under
+    the causal mask, by hand on the same weights; without the norms the output changes."""
+    import math
+    from types import SimpleNamespace
+
+    model = tiny(qk_norm=True, norm=norm).eval()
     attn = model.transformer.h[0].attn
-    assert attn.q_norm.normalized_shape == (16,) and attn.k_norm.normalized_shape == (16,)  # head size
+    with torch.no_grad():
+        for p in [*attn.q_norm.parameters(), *attn.k_norm.parameters()]:
+            p.normal_()  # gains (and LayerNorm's biases) away from 1 and 0: the formula must apply them
+    kernel, seen = attn.kernel, {}
+
+    def recording_attend(q, k, v, mask, dropout_p):  # noqa: ANN001, ANN202
+        seen.update(q=q, k=k)
+        return kernel.attend(q, k, v, mask, dropout_p)
+
+    attn.kernel = SimpleNamespace(mask=kernel.mask, attend=recording_attend)  # what the kernel is given
+    B, T, C, H, hd, eps = 2, 9, 32, 2, 16, model.config.layer_norm_eps
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1))
+
+    def by_hand(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if norm == "layernorm":
+            centered = t - t.mean(-1, keepdim=True)
+            return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * w + b
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    with torch.no_grad():
+        y = attn(x, None, None)
+        q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split(C, dim=-1)
+        q, k, v = (t.reshape(B, T, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, T, 16): one row per head
+        qn = by_hand(q, attn.q_norm.weight, getattr(attn.q_norm, "bias", None))
+        kn = by_hand(k, attn.k_norm.weight, getattr(attn.k_norm, "bias", None))
+        q_err, k_err = (seen["q"] - qn).abs().max().item(), (seen["k"] - kn).abs().max().item()
+        assert q_err < 1e-5 and k_err < 1e-5, f"q, k given to the kernel are off by {q_err:.3g}, {k_err:.3g}"
+        assert (qn.pow(2).mean(-1) - q.pow(2).mean(-1)).abs().max() > 0.1  # the norm did change them
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        att = (qn @ kn.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~causal, float("-inf")).softmax(-1)
+        expected = (att @ v).transpose(1, 2).reshape(B, T, C) @ attn.c_proj.weight.T + attn.c_proj.bias
+        assert (y - expected).abs().max() < 1e-5 * (1 + expected.abs().max())
+        attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()  # the same weights, scores from raw q and k
+        assert (attn(x, None, None) - y).abs().max() > 0.05 * y.abs().max()
 
 
 # ----------------------------------------------------------------------------------------------------
