@@ -1,9 +1,10 @@
 """Shared test fixtures and where the tests' real data comes from.
 
 Every test runs on a fresh clone: the repository ships Tiny Shakespeare and the GPT-2 BPE files (data/) and small
-samples of the evaluation and corpus files (tests/data/, see its README). A full-data mirror folder, $SHARED_DATA_DIR
-(default: shared/data beside the repository), holds the complete files in the same layout; where it has a file,
-the tests use it instead of the sample, and the few checks that need a complete set skip without it."""
+samples of the evaluation and corpus files (tests/data/, see its README). A full-data mirror folder, named by
+$SHARED_DATA_DIR (unset: none), holds the complete files in the same layout; where it has a file, the tests use it
+instead of the sample, and the few checks that need a complete set skip without it. Nothing outside the repository
+is read unless $SHARED_DATA_DIR names it."""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ if WORKERS > 1:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))  # the full-data mirror
 SAMPLE_DATA = REPO / "tests" / "data"  # the first records of the full files (tests/data/README.md)
+MIRROR_SET = bool(os.environ.get("SHARED_DATA_DIR"))
+SHARED_DATA = Path(os.environ["SHARED_DATA_DIR"]) if MIRROR_SET else SAMPLE_DATA  # the full-data mirror, if named
 SHIPPED_DATA = REPO / "data"  # complete files the repository ships: tinyshakespeare.txt, gpt2_bpe/
 EVAL_FILES = ("hellaswag_val.jsonl", "lambada_openai_test.jsonl", "wikitext2_raw/wiki.test.raw")
 
@@ -145,7 +147,7 @@ def shared_file(rel: str) -> Path:
 def full_file(rel: str) -> Path:
     """A file of the full-data mirror folder, for checks that need the complete set; skip if it is absent."""
     p = SHARED_DATA / rel
-    if not p.exists():
+    if not MIRROR_SET or not p.exists():
         pytest.skip(f"needs the complete {rel}: not in the full-data mirror folder {SHARED_DATA} (set SHARED_DATA_DIR)")
     return p
 
