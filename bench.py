@@ -64,9 +64,9 @@ def parse_args(argv: list[str]) -> object:
                    "without a config bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--attention", help="attention kernel: sdpa (default), flash_attn, manual")
+    p.add_argument("--attention", help="attention kernel: sdpa (default), flash_attn, flex, manual")
     p.add_argument("--fused-adamw", choices=["auto", "on", "off"], default="auto",
-                   help="fused AdamW kernel (auto: on for CUDA)")
+                   help="fused AdamW kernel (auto: on wherever torch has it: CUDA, and CPU since torch 2.4)")
     p.add_argument("--pad-vocab", choices=["on", "off"], default="on", help="pad the vocab to a multiple of 64")
     p.add_argument("--no-tf32", action="store_true", help="full-precision fp32 matmuls (TF32 is on by default on CUDA)")
     p.add_argument("--plain", action="store_true",

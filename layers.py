@@ -2,7 +2,7 @@
     NORMS       norm            layernorm | rmsnorm
     POSITIONS   pos             learned | rope | none      (rope_base sets RoPE's wavelengths)
     PLACEMENTS  norm_placement  pre | post | sandwich      (the blocks other than GPT-2's model.Block)
-    the MLP variants swiglu, relu2 and moe (model.MLPS holds them with GPT-2's gelu MLP).
+    the MLP variants swiglu and moe (model.MLPS holds them with GPT-2's gelu MLP and model.py's ReLU2MLP).
 
 This file does not import model.py: the parts take a GPTConfig (a type hint only) or plain arguments, and the
 blocks are handed their attention and MLP sublayers.

@@ -83,7 +83,7 @@ class TrainConfig:
     dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (no autocast)
     device: str = "auto"  # auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     compile: bool = False  # torch.compile the model (minutes of compile on first steps; faster after)
-    zero1: bool = True  # shard optimizer state across ranks (ZeroRedundancyOptimizer); ignored with one process
+    zero1: bool = True  # shard optimizer state across ranks (ZeroRedundancyOptimizer) under torch.distributed
     backend: str = "auto"  # torch.distributed backend: auto = nccl on CUDA, gloo on CPU
     dist_timeout_s: float = 600.0  # a collective waiting longer (a rank crashed or hangs) fails the job, no hang
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)

