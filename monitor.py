@@ -153,12 +153,15 @@ def start_wandb(cfg: TrainConfig, out_dir: Path, run_id: str, step: int, resumin
     return None
 
 
+EVALUATION_KEYS = {"evaluate": "val_loss", "hellaswag": "hellaswag_acc_norm"}  # schedule.py's name -> its record
+
+
 class RunLog:
     """metrics.jsonl (one JSON object per record, on rank 0) and, if asked, the wandb run.
 
     A resume from step s's checkpoint drops what the killed run recorded after that checkpoint (its steps are
-    redone), keeping only step s's evaluations (run after the checkpoint): `evaluated` names them, so the resumed
-    run owes only the rest."""
+    redone), keeping only step s's evaluations (run after the checkpoint): `evaluated` names them on every rank
+    (rank 0 reads the file), so the resumed run owes only the rest."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, out_dir: Path, step: int, max_steps: int, wandb_id: str | None,
                  resumed: bool = False):
@@ -167,19 +170,26 @@ class RunLog:
         self.wandb_run = None
         self.wandb_id = wandb_id
         self.evaluated: dict[str, dict] = {}  # "evaluate" / "hellaswag" -> step s's record of it, if kept
-        if not d.master:
-            return
+        if d.master:
+            self._open(cfg, d, out_dir, step, max_steps, wandb_id, resumed)
+        if d.enabled:  # every rank runs the evaluations the resume owes (they are collective): rank 0's word
+            shared = [self.evaluated]
+            dist.broadcast_object_list(shared, src=0)
+            self.evaluated = shared[0]
+
+    def _open(self, cfg: TrainConfig, d: Dist, out_dir: Path, step: int, max_steps: int, wandb_id: str | None,
+              resumed: bool) -> None:
+        """Rank 0: the folder, the record repaired for a resume, the wandb run and the launch record."""
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create out_dir {out_dir}: {e.strerror}; choose another out_dir") from e
         if self.path.is_file():
             kept = [r for r in read_metrics(self.path) if resumed and (
-                r["step"] < step or (r["step"] == step and ("val_loss" in r or "hellaswag_acc_norm" in r)))]
+                r["step"] < step or (r["step"] == step and any(k in r for k in EVALUATION_KEYS.values())))]
             self._rewrite(kept)
             self.evaluated = {name: r for r in kept if r["step"] == step
-                              for name, key in (("evaluate", "val_loss"), ("hellaswag", "hellaswag_acc_norm"))
-                              if key in r}
+                              for name, key in EVALUATION_KEYS.items() if key in r}
         if cfg.wandb_log:
             self.wandb_id = wandb_id or secrets.token_hex(4)  # kept in the checkpoint: a resume continues it
             self.wandb_run = start_wandb(cfg, out_dir, self.wandb_id, step, resuming=wandb_id is not None and step > 0)

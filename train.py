@@ -321,10 +321,6 @@ class Trainer:
             wandb_id = self._resume(ckpt, ckpt_path)
         self.resumed = ckpt is not None
         self.runlog = RunLog(cfg, d, ckpts.dir, self.step, self.max_steps, wandb_id, resumed=self.resumed)
-        if d.enabled:  # rank 0 read the record; every rank must run the evaluations it owes (they are collective)
-            shared = [self.runlog.evaluated]
-            dist.broadcast_object_list(shared, src=0)
-            self.runlog.evaluated = shared[0]
         val_bytes = meta.get("text_bytes", {}).get("val")  # bits per byte compare across tokenizers
         self.bytes_per_token = val_bytes / split_tokens(cfg.data_dir, "val") if val_bytes else None
         self.val_loss = self._recorded_val_loss()
@@ -464,7 +460,7 @@ class Trainer:
         after each evaluation, skips the rest: save and return True."""
         actions = self.schedule.actions_after(step)
         if owed_only:
-            actions = tuple(a for a in actions if a in EVALUATIONS and a not in self.runlog.evaluated)
+            actions = tuple(a for a in self.schedule.evaluations_after(step) if a not in self.runlog.evaluated)
             if step == self.max_steps:
                 self.log(f"the run ended at step {step}: " + (f"running its final {', '.join(actions)}" if actions
                                                              else "its checkpoint and evaluations are done"))

@@ -151,18 +151,26 @@ def test_missing_hellaswag_file_fails_at_start(data, tmp_path):
 # a stop request
 
 
+def stopped_by_sigterm(data: Path, tmp_path: Path, kw: dict, line: str, step: int, stop_step: int
+                       ) -> tuple[Path, Path]:
+    """An uninterrupted run of kw (ref) and the same run sent SIGTERM at the start of `step`, after `line` (cut): the
+    cut run exits 0, stopped and saved at `stop_step`, without that step's evaluation (due there)."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run(args(data, ref, **kw))
+    p = start(args(data, cut, **kw), SLOW)
+    log = signal_in_step_after(p, line, step, signal.SIGTERM)
+    assert p.returncode == 0 and "Traceback" not in log, log
+    assert re.search(rf"stopped at step {stop_step}\b", log) and ckpt(cut)["step"] == stop_step, log
+    assert f"step {stop_step}: val loss" not in log, log
+    return ref, cut
+
+
 def test_stop_request_skips_pending_evaluation_and_resume_runs_it(data, tmp_path):
     """SIGTERM just after step 0's log line (at step 1's start): the run stops at the next point anything is
     due (step 5, an evaluation), saves, skips that evaluation and exits 0; init_from=resume runs it and ends
     equal to an uninterrupted run."""
     kw = {**RESUME, "max_steps": 40, "log_interval": 10, "eval_interval": 5, "ckpt_interval": 1000}
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run(args(data, ref, **kw))
-    p = start(args(data, cut, **kw), SLOW)
-    log = signal_in_step_after(p, "step 0/40", 1, signal.SIGTERM)
-    assert p.returncode == 0 and "Traceback" not in log, log
-    assert re.search(r"stopped at step 5\b", log) and ckpt(cut)["step"] == 5, log
-    assert "step 5: val loss" not in log, log
+    ref, cut = stopped_by_sigterm(data, tmp_path, kw, "step 0/40", 1, stop_step=5)
     run(args(data, cut, init_from="resume", **kw))  # (without the 0.2 s steps: they only time the signal)
     assert_identical(ref, cut)
 
@@ -172,13 +180,7 @@ def test_stop_in_the_last_log_window_saves_the_end_and_auto_runs_the_final_evalu
     14), the final checkpoint is written and the final evaluation skipped; init_from=auto then trains nothing,
     evaluates step 14 and ends equal to an uninterrupted run."""
     kw = {**RESUME, "max_steps": 14, "log_interval": 10, "eval_interval": 7}
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run(args(data, ref, **kw))
-    p = start(args(data, cut, **kw), SLOW)
-    log = signal_in_step_after(p, "step 10/14", 11, signal.SIGTERM)
-    assert p.returncode == 0 and "Traceback" not in log, log
-    assert re.search(r"stopped at step 14\b", log) and ckpt(cut)["step"] == 14, log
-    assert "step 14: val loss" not in log, log
+    ref, cut = stopped_by_sigterm(data, tmp_path, kw, "step 10/14", 11, stop_step=14)
     r = run(args(data, cut, init_from="auto", **kw))
     assert step_lines(r.stdout, 14) == [] and "step 14: val loss" in r.stdout, r.stdout
     assert_identical(ref, cut)

@@ -23,6 +23,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _markdown import md_rows, printed  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from common import Dist  # noqa: E402
 from conftest import SAMPLE_DATA, SHARED_DATA, hide_gpu  # noqa: E402
@@ -66,25 +67,6 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
-
-
-def md_rows(text: str, first: str) -> list[dict[str, str]]:
-    """The rows of the Markdown table in `text` whose header starts with `| first |`, as {column title: cell}."""
-    lines = text.splitlines()
-    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
-    titles = [c.strip() for c in lines[i].split("|")[1:-1]]
-    rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(titles, (c.strip() for c in line.split("|")[1:-1]), strict=True)))
-    return rows
-
-
-def printed(cell: str) -> tuple[float, float | None]:
-    """A summary cell "value ± stderr" or "value" as numbers."""
-    v, _, e = cell.partition(" ± ")
-    return float(v), (float(e) if e else None)
 
 
 HALF_DIGIT = 0.5e-4 + 1e-9  # what printing with 4 decimals may change

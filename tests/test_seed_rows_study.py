@@ -20,10 +20,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.append(str(REPO / "scripts"))  # after the top-level modules: a script never shadows one
 
 from seed_rows_study import ARM_ROWS, eot_split, same_losses, steps_for  # noqa: E402
 
+from _markdown import md_rows, printed  # noqa: E402
 from conftest import SAMPLE_DATA, hide_gpu  # noqa: E402
 from monitor import read_metrics  # noqa: E402
 from seed_rows import SeedRowLoader  # noqa: E402
@@ -71,25 +72,6 @@ def test_every_arm_of_the_script_has_a_summary_name_and_loads() -> None:
         assert cfg.seed_min_tokens == (0 if arm == "seed512_nofilter" else 256)
     r = subprocess.run(["bash", "-c", f"{func}\narm_args seed1024"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown arm seed1024" in r.stderr
-
-
-def md_rows(text: str, first: str) -> list[dict[str, str]]:
-    """The rows of the Markdown table in `text` whose header starts with `| first |`, as {column title: cell}."""
-    lines = text.splitlines()
-    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
-    titles = [c.strip() for c in lines[i].split("|")[1:-1]]
-    rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(titles, (c.strip() for c in line.split("|")[1:-1]), strict=True)))
-    return rows
-
-
-def printed(cell: str) -> tuple[float, float | None]:
-    """A summary cell "value ± stderr" or "value" (thousands commas allowed) as numbers."""
-    v, _, e = cell.replace(",", "").partition(" ± ")
-    return float(v), (float(e) if e else None)
 
 
 def within(cell: str, ref: float, decimals: int = 4) -> bool:
