@@ -232,6 +232,7 @@ def test_rerun_on_complete_dataset_is_a_noop_unless_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize("argv, hf_args", [
     ([], ("Skylion007/openwebtext", None, False)),
     (["--dataset", "fineweb-edu", "--streaming"], ("HuggingFaceFW/fineweb-edu", "sample-10BT", True)),
+    (["--dataset", "fineweb", "--streaming"], ("HuggingFaceFW/fineweb", "sample-10BT", True)),
 ])
 def test_hf_sources_call_load_dataset_and_match_local_path(tmp_path, monkeypatch, argv, hf_args):
     """The hub is out of reach here: substitute load_dataset's result with the local json builder's (what the hub
@@ -252,6 +253,26 @@ def test_hf_sources_call_load_dataset_and_match_local_path(tmp_path, monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", real_load)
     run("--files", src, "--out-dir", tmp_path / "local", "--val-fraction", "0.01")
     assert shard_bytes(tmp_path / "hf") == shard_bytes(tmp_path / "local")
+
+
+def test_fineweb_val_is_the_first_documents_of_the_stream(tmp_path, monkeypatch):
+    """llm.c's FineWeb val shard (what modded-nanogpt's 3.28 is measured on) is the stream's first tokens, each
+    document preceded by EOT: --dataset fineweb's default val split must be the first documents, in order."""
+    import datasets
+
+    src = shared_file("lambada_openai_test.jsonl")
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw:
+                        real_load("json", data_files=[str(src)], split="train", streaming=kw.get("streaming", False)))
+    monkeypatch.setattr(prepare_data, "FINEWEB_VAL_DOCS", 40)
+    summary = run("--dataset", "fineweb", "--streaming", "--out-dir", tmp_path, "--num-proc", 2)
+    assert summary["docs"]["val"] == 40
+    texts = [json.loads(line)["text"] for line in src.read_text().splitlines()]
+    enc = get_tokenizer()
+    first = [t for text in texts[:40] for t in [EOT, *enc.encode_ordinary(text)]]
+    rest = [t for text in texts[40:] for t in [EOT, *enc.encode_ordinary(text)]]
+    assert split_tokens(tmp_path, "val").tolist() == first
+    assert split_tokens(tmp_path, "train").tolist() == rest
 
 
 def test_tasks_in_flight_are_bounded():
