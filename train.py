@@ -68,11 +68,16 @@ from train_config import ConfigError, TrainConfig, describe_fields, load_config
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup from lr/warmup to lr over warmup_steps, then cosine from lr to min_lr at max_steps."""
+    """Linear warmup from lr/warmup to lr over warmup_steps, then cosine from lr to min_lr at max_steps; or, with
+    warmdown_frac > 0, lr until the last warmdown_frac of the steps, then linear to min_lr at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= max_steps:
         return cfg.min_lr
+    if cfg.warmdown_frac > 0:
+        decay_start = max(cfg.warmup_steps, max_steps - round(cfg.warmdown_frac * max_steps))
+        progress = max(0, step - decay_start) / max(1, max_steps - decay_start)
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 

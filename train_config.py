@@ -55,10 +55,13 @@ class TrainConfig:
     # max_steps=0 with max_tokens=0 writes the step-0 checkpoint and stops
     max_steps: int = -1
     max_tokens: int = 0
-    # optimizer: AdamW; lr warms up linearly for warmup_steps, then cosine-decays to min_lr at max_steps
+    # optimizer: AdamW; lr warms up linearly for warmup_steps, then cosine-decays to min_lr at max_steps, or with
+    # warmdown_frac > 0 stays at lr and falls linearly to min_lr over the last warmdown_frac of the steps
+    # (warmup-stable-decay, as nanochat's warmdown_ratio and modded-nanogpt's cooldown_frac)
     lr: float = 6e-4
     min_lr: float = 0.0
     warmup_steps: int = 700
+    warmdown_frac: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -83,7 +86,7 @@ class TrainConfig:
     dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (no autocast)
     device: str = "auto"  # auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     compile: bool = False  # torch.compile the model (minutes of compile on first steps; faster after)
-    zero1: bool = True  # shard optimizer state across ranks (ZeroRedundancyOptimizer) under torch.distributed
+    zero1: bool = True  # shard optimizer state across ranks (ZeroRedundancyOptimizer) under torchrun, one process too
     backend: str = "auto"  # torch.distributed backend: auto = nccl on CUDA, gloo on CPU
     dist_timeout_s: float = 600.0  # a collective waiting longer (a rank crashed or hangs) fails the job, no hang
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look the GPU up (unknown/CPU: no MFU)
@@ -123,6 +126,8 @@ class TrainConfig:
                   "keep_checkpoints"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k}={getattr(self, k)} must be >= 0")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"warmdown_frac={self.warmdown_frac} must be in [0, 1] (0: cosine decay)")
         if self.eval_interval and self.eval_tokens < self.seq_len:
             raise ConfigError(f"eval_tokens={self.eval_tokens} is less than one row of seq_len={self.seq_len}")
         if self.keep_best and not self.keep_checkpoints:

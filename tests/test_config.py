@@ -96,6 +96,32 @@ def test_lr_schedule_matches_torch_schedulers():
     assert lr_at(n, cfg, n) == pytest.approx(cfg.min_lr)
 
 
+def test_warmdown_schedule_matches_torch_schedulers():
+    """warmdown_frac: warmup, constant, then linear to min_lr over the last fraction of the steps, against torch's
+    LinearLR (warmup) + ConstantLR + LinearLR (warmdown) chained by SequentialLR."""
+    cfg = TrainConfig(lr=0.02, min_lr=0.0, warmup_steps=5, max_steps=60, warmdown_frac=0.25)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.lr)
+    decay = round(cfg.warmdown_frac * cfg.max_steps)  # 15: steps 45..59 fall, step 60 is min_lr
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / cfg.warmup_steps, end_factor=1.0,
+                                             total_iters=cfg.warmup_steps - 1)
+    flat = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    down = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=1e-12, total_iters=decay)
+    stable = cfg.max_steps - decay - cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, flat, down],
+                                                  milestones=[cfg.warmup_steps, cfg.warmup_steps + stable])
+    ref = []
+    for _ in range(cfg.max_steps + 1):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_at(s, cfg, cfg.max_steps) for s in range(cfg.max_steps + 1)]
+    assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert ours[cfg.max_steps - decay] == cfg.lr and ours[-1] == cfg.min_lr
+    with pytest.raises(UserError, match="warmdown_frac"):
+        TrainConfig(max_steps=10, warmdown_frac=1.5)
+
+
 def test_weight_decay_groups():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=64, block_size=16))
     decay, no_decay = param_groups(model, 0.1)
