@@ -1,7 +1,7 @@
 """The GPU check: every performance and health figure of the codebase in one run of under 8 minutes.
 
     python scripts/gpu_check.py --out out/gpu_check          # on one GPU, from the repository root
-    python scripts/gpu_check.py --rehearse --out /tmp/gpu_r   # the same steps on CPU with a tiny model, ~1 min
+    python scripts/gpu_check.py --rehearse --out out/rehearsal # the same steps on CPU, tiny model: ~2 min
     python scripts/gpu_check.py --list                        # the steps and their time estimates
 
 Steps, most valuable first; each runs only if its estimate fits in what is left of --budget-s, else it is
@@ -14,6 +14,7 @@ compile workers included), with $PYTHON (default python3), offline.
     bench_compiled    the same, torch.compile: tokens/s, MFU vs datasheet and vs the ceiling, memory, compile s
     cuda_tests        pytest -m cuda over the test files that use the marker
     train             train.py compiled on Tiny Shakespeare tokens, 40 steps: loss falls, no NaN, tok/s vs bench
+    modern            the same with config/gpt2_modern_fineweb_edu.py: Muon's orthogonalization in bf16, compiled
     fp16              the same run eager with fp16 + GradScaler: finite, close to bf16's losses
     resume            torchrun + ZeRO-1 + fused AdamW, bf16, 20 steps vs the same run crashed at step 10 (the tests'
                       fault launcher) and restarted (--max_restarts=1, init_from=auto): losses, weights bit-equal
@@ -394,10 +395,10 @@ def dataset(c: Check) -> Path:
 
 
 def train_args(c: Check, out_dir: Path, steps: int, B: int, T: int, dtype: str, compiled: bool,
-               model: dict | None = None, **settings: object) -> list[str]:
-    """train.py's arguments for a short check run of --config on real tokens, one micro-batch per step, no
-    evaluation or checkpoint unless `settings` asks; `model`: model_overrides (default: the config's model,
-    the tiny one in rehearsal). Later settings win."""
+               model: dict | None = None, config: str | None = None, **settings: object) -> list[str]:
+    """train.py's arguments for a short check run of `config` (default --config) on real tokens, one micro-batch
+    per step, no evaluation or checkpoint unless `settings` asks; `model`: model_overrides (default: the config's
+    model, the tiny one in rehearsal). Later settings win."""
     base: dict[str, object] = {
         "data_dir": dataset(c), "out_dir": out_dir, "overwrite": True, "max_tokens": 0, "max_steps": steps,
         "micro_batch": B, "seq_len": T, "total_batch_tokens": B * T, "warmup_steps": 2 if c.rehearse else 10,
@@ -407,7 +408,8 @@ def train_args(c: Check, out_dir: Path, steps: int, B: int, T: int, dtype: str, 
         base |= {"lr": 5e-3, "device": "cpu"}
     base |= settings
     model = model if model is not None else (REHEARSAL_MODEL if c.rehearse else {})
-    return [c.args.config, *(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()),
+    flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
+    return [config or c.args.config, *flags,
             *(f"--model_overrides.{k}={v}" for k, v in model.items())]
 
 
@@ -421,11 +423,12 @@ def loss_rows(out_dir: Path, log: Path) -> list[dict]:
     return rows
 
 
-def train_run(c: Check, name: str, dtype: str, compiled: bool) -> tuple[list[dict], str]:
-    """A short train.py run of the check's model on real tokens, one micro-batch per step; its metrics."""
+def train_run(c: Check, name: str, dtype: str, compiled: bool, config: str | None = None) -> tuple[list[dict], str]:
+    """A short train.py run of the check's model (or `config`'s) on real tokens, one micro-batch per step; its
+    metrics."""
     _, B, T, _ = shape(c)
     out_dir = c.work / name
-    argv = [c.py, "train.py", *train_args(c, out_dir, c.args.train_steps, B, T, dtype, compiled)]
+    argv = [c.py, "train.py", *train_args(c, out_dir, c.args.train_steps, B, T, dtype, compiled, config=config)]
     log = c.run(name, argv, cap_s=300)
     (out_dir / "ckpt.pt").unlink(missing_ok=True)  # the final checkpoint: 1.5 GB for 124M, not needed here
     return loss_rows(out_dir, log), shlex.join(["python", *argv[1:]])
@@ -461,6 +464,27 @@ def step_train(c: Check) -> dict:
                     f"MFU {fmt(r['mfu_median'], '.1%')}, first step {r['first_step_s']:.1f} s")
     if not r["loss_fell"]:
         raise StepError(f"loss did not fall by 5% or is not finite: {r['summary']}", c.work / "train_bf16.log", r)
+    return r
+
+
+MODERN_CONFIG = "config/gpt2_modern_fineweb_edu.py"
+
+
+def step_modern(c: Check) -> dict:
+    """The modern 124M config (RoPE, QK-norm, RMSNorm, ReLU², untied, no bias; Muon + AdamW, warmdown) compiled in
+    bf16: Muon's Newton-Schulz orthogonalization runs in bf16 on the GPU here and nowhere else in the check."""
+    rows, command = train_run(c, "train_modern", "bf16", compiled=True, config=MODERN_CONFIG)
+    r = {"command": command, "config": MODERN_CONFIG, "compile": not c.rehearse, **train_figures(rows)}
+    gpt2 = c.result("train")
+    r["loss_last5_vs_gpt2"] = (r["loss_last5_mean"] - gpt2["loss_last5_mean"] if gpt2
+                               else na("the train step did not run"))
+    r["summary"] = (f"{r['steps']} steps{'' if r['compile'] else ' (eager)'}: loss {r['loss_first']:.3f} -> "
+                    f"{r['loss_last']:.3f}, finite {r['finite']}, last-5 mean {r['loss_last5_mean']:.3f} "
+                    f"({fmt(r['loss_last5_vs_gpt2'], '+.3f')} vs the train step's GPT-2 recipe), median "
+                    f"{r['tok_per_s_median']:,.0f} tok/s, MFU {fmt(r['mfu_median'], '.1%')}, first step "
+                    f"{r['first_step_s']:.1f} s")
+    if not r["loss_fell"]:
+        raise StepError(f"loss did not fall by 5% or is not finite: {r['summary']}", c.work / "train_modern.log", r)
     return r
 
 
@@ -787,6 +811,8 @@ STEPS = [
                                                  "skipped": int, "skip_reasons": list}),
     Step("train", step_train, 60, 10, {**TRAIN_FIELDS, "compile": bool, "loss_fell": bool,
                                        "tok_per_s_vs_bench": float}),
+    Step("modern", step_modern, 60, 12, {**TRAIN_FIELDS, "config": str, "compile": bool, "loss_fell": bool,
+                                         "loss_last5_vs_gpt2": float}),
     Step("fp16", step_fp16, 30, 6, {**TRAIN_FIELDS, "dtype": str, "overflow_steps": int,
                                     "rel_diff_vs_bf16": float, "close_to_bf16": bool}),
     Step("resume", step_resume, 45, 15, {
@@ -989,7 +1015,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work-dir", help="logs, bench JSON, training runs, caches (default: a new /tmp folder)")
     p.add_argument("--budget-s", type=float, default=470, help="total seconds; a step whose estimate does not fit "
                    "in what is left is skipped (default 470)")
-    p.add_argument("--rehearse", action="store_true", help="every step on CPU with a tiny model (< 1 min)")
+    p.add_argument("--rehearse", action="store_true", help="every step on CPU with a tiny model (about 2 min)")
     p.add_argument("--config", default="config/gpt2_owt.py", help="train.py config giving model, micro_batch, "
                    "seq_len, dtype (default config/gpt2_owt.py)")
     p.add_argument("--only", help="comma-separated step names to run (default: all)")

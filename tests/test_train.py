@@ -107,9 +107,23 @@ def assert_identical(ref: Path, resumed: Path) -> None:
     assert cr["step"] == cx["step"] and cr["loader"] == cx["loader"] and cr["tokens_seen"] == cx["tokens_seen"]
     for k in cr["model"]:
         assert torch.equal(cr["model"][k], cx["model"][k]), k
-    for i, st in cr["optimizer"]["state"].items():
-        for name, t in st.items():
-            assert torch.equal(t, cx["optimizer"]["state"][i][name]), (i, name)
+    assert_same_tree(cr["optimizer"], cx["optimizer"])  # AdamW's state, or Muon's and AdamW's side by side
+
+
+def assert_same_tree(a: object, b: object, where: str = "optimizer") -> None:
+    """Equal nested dicts/lists of tensors and plain values, every tensor bit for bit."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 # Heavier steps than the other tests (512 tokens, grad_accum 4) leave room between the signal and the end.
