@@ -258,16 +258,23 @@ def diff_se(a: list[float], b: list[float]) -> float | None:
     return math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
 
 
-def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Tokens at which a (tokens, val loss) curve first gets down to `target`, linearly interpolated between
-    the two evaluations around the crossing; None if it never does."""
+def crossing(curve: list[tuple[float, float]], target: float) -> tuple[float, float] | None:
+    """Where a (tokens, val loss) curve first gets down to `target`: (tokens, linearly interpolated between the two
+    evaluations around the crossing; the segment's slope in tokens per nat, 0 at the first evaluation); None if
+    it never does."""
     for i, (tokens, loss) in enumerate(curve):
         if loss <= target:
             if i == 0:
-                return tokens
+                return tokens, 0.0
             t0, l0 = curve[i - 1]
-            return t0 + (l0 - target) / (l0 - loss) * (tokens - t0)
+            return t0 + (l0 - target) / (l0 - loss) * (tokens - t0), (tokens - t0) / (l0 - loss)
     return None
+
+
+def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Tokens at which a (tokens, val loss) curve first gets down to `target` (see crossing); None if never."""
+    c = crossing(curve, target)
+    return c[0] if c else None
 
 
 def token_efficiency(curves: list[list[tuple[float, float]]], target: float,
@@ -277,6 +284,20 @@ def token_efficiency(curves: list[list[tuple[float, float]]], target: float,
     reached = [t for t in (tokens_to_reach(c, target) for c in curves) if t is not None]
     mean = statistics.mean(reached) / ref_tokens if curves and len(reached) == len(curves) else None
     return mean, len(reached)
+
+
+def token_efficiency_se(curves: list[list[tuple[float, float]]], target: float, target_se: float | None,
+                        ref_tokens: float) -> float | None:
+    """Standard error of token_efficiency: the seeds' spread of tokens-to-target (std / sqrt(n)) and the target's
+    own (the baseline's mean final loss, standard error target_se) carried through the curves' mean slope at
+    the crossing (tokens per nat: the delta method), added in quadrature. None with fewer than 2 seeds on
+    either side, or a seed that never reaches the target."""
+    points = [crossing(c, target) for c in curves]
+    if len(points) < 2 or None in points or target_se is None:
+        return None
+    tokens, slopes = zip(*points)
+    var = statistics.variance(tokens) / len(tokens) + (statistics.mean(slopes) * target_se) ** 2
+    return math.sqrt(var) / ref_tokens
 
 
 def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
@@ -301,8 +322,10 @@ def variant_stats(groups: dict[str, list[dict]], ref_tokens: float) -> dict[str,
         st = {"n": len(vals), "mean": mean, "std": std, "diff": mean - target if target is not None else None,
               "se": diff_se(vals, base) if name != names[0] else None}
         if target is not None and name != names[0]:
-            st["efficiency"], st["reached"] = token_efficiency([r["val_curve"] for r in groups[name]], target,
-                                                               ref_tokens)
+            curves = [r["val_curve"] for r in groups[name]]
+            st["efficiency"], st["reached"] = token_efficiency(curves, target, ref_tokens)
+            target_se = statistics.stdev(base) / math.sqrt(len(base)) if len(base) > 1 else None
+            st["efficiency_se"] = token_efficiency_se(curves, target, target_se, ref_tokens)
         out[name] = st
     return out
 
@@ -314,7 +337,8 @@ def _efficiency_cell(name: str, st: dict, is_base: bool) -> str:
         return "—"
     if st.get("efficiency") is None:
         return "not reached" + (f" ({st['reached']}/{st['n']} seeds did)" if st.get("reached") else "")
-    return f"{st['efficiency']:.2f}"
+    se = st.get("efficiency_se")
+    return f"{st['efficiency']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
 def _verdict(st: dict) -> str:
@@ -355,7 +379,9 @@ def write_results(runs: list[Run], rows: dict[str, dict], out_dir: Path, command
         f"mean ± the standard error of that difference (Welch: sqrt(s1²/n1 + s2²/n2)); verdict: better / worse "
         f"when |Δ| > 2 SE, else within noise (with 2-3 seeds an SE is itself rough: read 2-3 SE as a hint); "
         f"token efficiency = the tokens the variant needs to reach {base_name}'s mean final val loss (linear "
-        f"interpolation between evaluations, per seed, averaged) / {ref_tokens:,} (< 1: fewer tokens).",
+        f"interpolation between evaluations, per seed, averaged) / {ref_tokens:,} (< 1: fewer tokens), ± its "
+        "standard error where both sides have 2+ seeds (the seeds' spread of those tokens and the target's own "
+        "standard error times the curves' slope at the crossing, in quadrature).",
         "",
         "| variant | seeds | params | final val loss | Δ vs " + base_name + " | verdict | token efficiency | "
         "tokens/s |",
@@ -516,7 +542,7 @@ def preset_configs(name: str) -> tuple[list[str], Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="*", help="train.py config files, each optionally CONFIG@SEED")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="cpu: config/ablations/*.py + baseline@1338; learn: config/ablations_learn/*.py, 2-3 seeds")

@@ -306,6 +306,22 @@ def test_token_efficiency_is_the_mean_over_seeds_of_tokens_to_the_target():
     assert ablate.mean_curve([fast, slow[:2]]) == [(0, 10.0), (100, 6.5)]  # evaluations both seeds have
 
 
+def test_token_efficiency_se_by_the_delta_method():
+    """The seeds' spread of tokens-to-target and the target's standard error times d(tokens)/d(target), the
+    derivative taken numerically here (a central difference of tokens_to_reach), not from the segment formula."""
+    curves = [[(0, 10.0), (100, 7.0), (200, 5.0)], [(0, 10.0), (100, 6.5), (200, 5.5)],
+              [(0, 10.0), (100, 8.0), (200, 5.8)]]
+    target, target_se, h = 6.0, 0.05, 1e-4
+    tokens = [ablate.tokens_to_reach(c, target) for c in curves]
+    slope = statistics.mean((ablate.tokens_to_reach(c, target - h) - ablate.tokens_to_reach(c, target + h)) / (2 * h)
+                            for c in curves)
+    want = math.sqrt(statistics.variance(tokens) / 3 + (slope * target_se) ** 2) / 200
+    assert ablate.token_efficiency_se(curves, target, target_se, 200) == pytest.approx(want, rel=1e-6)
+    assert ablate.token_efficiency_se(curves[:1], target, target_se, 200) is None  # one seed: no spread
+    assert ablate.token_efficiency_se(curves, target, None, 200) is None  # the baseline had one seed
+    assert ablate.token_efficiency_se([*curves, [(0, 10.0), (200, 7.0)]], target, target_se, 200) is None
+
+
 def test_variant_stats_against_the_baselines_mean():
     def run(final: float) -> dict:
         return {"val_loss": final, "val_curve": [(0, 10.0), (100, 8.0), (200, final)]}
@@ -319,6 +335,10 @@ def test_variant_stats_against_the_baselines_mean():
     # each "better" seed crosses 6.2 between (100, 8.0) and (200, final): 100 + 1.8 / (8 - final) * 100
     want = statistics.mean(100 + 1.8 / (8 - f) * 100 for f in (5.0, 5.2)) / 200
     assert st["better"]["efficiency"] == pytest.approx(want) and st["better"]["reached"] == 2
+    tokens, slope = [100 + 1.8 / (8 - f) * 100 for f in (5.0, 5.2)], statistics.mean(100 / (8 - f) for f in (5.0, 5.2))
+    want_se = math.sqrt(statistics.variance(tokens) / 2 + (slope * 0.2 / math.sqrt(3)) ** 2) / 200
+    assert st["better"]["efficiency_se"] == pytest.approx(want_se)
+    assert ablate._efficiency_cell("better", st["better"], False) == f"{want:.2f} ± {want_se:.2f}"
     assert st["worse"]["efficiency"] is None and st["worse"]["reached"] == 0
     assert st["single"]["std"] is None and st["single"]["se"] is None and st["single"]["reached"] == 1
     assert st["unfinished"] == {"n": 0}
