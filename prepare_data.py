@@ -55,8 +55,8 @@ HF_SOURCES = {
 }
 # FineWeb's val split is the first documents of the stream, as llm.c's fineweb.py makes it (its val shard is the
 # first 100M tokens, each document preceded by EOT as here), so val_loss over its first 10,485,760 tokens
-# (eval_tokens) scores the tokens modded-nanogpt's 3.28 target is measured on. 50,000 documents hold well over
-# that many tokens at FineWeb's ~1,000 tokens per document; the summary line prints the count.
+# (eval_tokens) scores the tokens modded-nanogpt's 3.28 target is measured on, provided the val split holds at
+# least that many: 50,000 documents of several hundred tokens each do; the summary line prints the count.
 FINEWEB_VAL_DOCS = 50_000
 # datasets>=4 refuses hub repositories that ship a loading script (Skylion007/openwebtext did); the hub keeps
 # its own parquet conversion of such a repository on this branch (which, for a large dataset, may hold only
