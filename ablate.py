@@ -12,7 +12,7 @@ Each run is its own process, `python train.py CONFIG [--key=value ...] --out_dir
 every number in the table is read back from OUT/NAME/metrics.jsonl (and ckpt.pt for HellaSwag). Runs of one
 config file are one variant: the table gives its mean ± std over seeds, the difference from the first config's
 mean with its standard error, and its token efficiency (the tokens it needs to reach the baseline's mean final
-val loss, over the baseline's tokens). A preset runs each config with its own seed plus extra seeds (SEEDS).
+val loss, over the baseline's tokens). A preset runs each config with its own seed plus extra seeds (EXTRA_SEEDS).
 
 Skip / resume: a run whose OUT/NAME/ablate.json records the same resolved TrainConfig, and whose metrics.jsonl
 has the final val loss, is not run again; a run stopped after a checkpoint (Ctrl-C, SIGTERM) continues with

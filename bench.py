@@ -13,7 +13,7 @@ torch.compile's compilation) are not measured; the compile time is reported sepa
 back from the device inside the measured steps; losses are read once at the end.
 
 The model, batch size, sequence length and dtype come from a train.py config (plain assignments, checked by
-train.load_config) and bench's flags override them. MFU = model FLOPs/token (model.estimate_flops_per_token,
+train_config.load_config) and bench's flags override them. MFU = model FLOPs/token (model.estimate_flops_per_token,
 the padded vocab rows not counted) x tokens/s over the GPU's bf16 peak (common.PEAK_BF16_FLOPS table, or
 --peak-tflops); --measure-ceiling also times a large matmul and reports MFU against that measured ceiling
 (--ceiling-tflops X takes a ceiling measured elsewhere instead).
@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> object:
 
 
 def resolve_config(args: object, device: torch.device) -> TrainConfig:
-    """TrainConfig from the config file plus bench's flags, validated by train.load_config."""
+    """TrainConfig from the config file plus bench's flags, validated by train_config.load_config."""
     argv = [args.config] if args.config else []
     argv += ["--max_steps=1", "--max_tokens=0"]  # train.py requires one of them; bench ignores both
     for flag, key in (("batch_size", "micro_batch"), ("seq_len", "seq_len"), ("model", "model"), ("dtype", "dtype")):

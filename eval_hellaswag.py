@@ -213,7 +213,8 @@ def evaluate_hellaswag(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(description="HellaSwag acc/acc_norm exactly as lm-eval defines them, plus llm.c's metric")
+    p = ArgumentParser(description="HellaSwag acc and acc_norm exactly as lm-eval defines them, plus llm.c's "
+                       "metric, on one of our checkpoints or a Hugging Face GPT-2 folder.")
     p.add_argument("model", help="our checkpoint file (ckpt.pt) or a Hugging Face GPT-2 folder")
     p.add_argument("--data", help=f"rowanz-format hellaswag_val.jsonl (default: the {HF_DATASET} hub dataset)")
     p.add_argument("--limit", type=int, help="only the first N examples")

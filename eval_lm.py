@@ -143,7 +143,8 @@ def sample_metrics(results: dict) -> dict[str, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(description="lm-eval harness on one of our checkpoints (any architecture variant)")
+    p = ArgumentParser(description="lm-eval's harness (hellaswag, lambada_openai, wikitext) on our checkpoints, any "
+                       "architecture variant.")
     p.add_argument("model", help="our checkpoint file (ckpt.pt) or a Hugging Face GPT-2 folder")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
     p.add_argument("--max-length", type=int, default=512, help="context window used for scoring (default 512; "

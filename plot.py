@@ -46,7 +46,7 @@ def plot(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="train.py out_dir(s) holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: <first run>/metrics.png)")
     a = p.parse_args()

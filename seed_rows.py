@@ -239,4 +239,8 @@ def row_stats(data_dir: str | Path, min_tokens: int = 256, micro_batch: int = 16
 if __name__ == "__main__":  # python seed_rows.py data/wiki [seed_min_tokens]
     import sys
 
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python seed_rows.py DATA_DIR [SEED_MIN_TOKENS]\n\nThe seed512 rows' statistics of a prepared "
+              "dataset.", file=sys.stdout if len(sys.argv) > 1 else sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     row_stats(sys.argv[1], *(int(a) for a in sys.argv[2:3]))

@@ -1,9 +1,11 @@
-"""How much a model uses what it has already read: its mean loss at each position of 1024-token rows of the
-val split, and the in-context-learning score of Olsson et al. 2022 ("In-context Learning and Induction Heads"):
-loss late in the context minus loss early in it. Here "late" is positions 450-549 and "early" 40-59 (windows
-around the paper's 500th and 50th token, for less noise); a clearly negative score means later tokens are
-easier because the model uses the context (copying names and rare words, as LAMBADA needs); a score near 0
-means it predicts from the last few tokens only.
+"""How much a model uses what it has already read: its mean loss at each position of the val split's rows,
+and the in-context-learning score of Olsson et al. 2022.
+
+The score ("In-context Learning and Induction Heads") is the loss late in the context minus the loss early in
+it. Here "late" is positions 450-549 and "early" 40-59 (windows around the paper's 500th and 50th token, for
+less noise); a clearly negative score means later tokens are easier because the model uses the context
+(copying names and rare words, as LAMBADA needs); a score near 0 means it predicts from the last few tokens
+only.
 
     python scripts/context_use.py out/reproduction_full/init_s1337/ckpt.pt \\
         out/reproduction_full/baseline_s1337/ckpt.pt --data-dir data/wiki
@@ -66,7 +68,7 @@ def summarize(losses: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="checkpoint files (train.py's ckpt.pt) or HF GPT-2 folders")
     p.add_argument("--data-dir", default="data/wiki", help="prepare_data.py output whose val split to read")
     p.add_argument("--seq-len", type=int, default=1024)

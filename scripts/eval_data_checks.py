@@ -1,4 +1,6 @@
-"""Four facts about the evaluation data that docs/reproduction_cpu.md and docs/seed_pipeline.md rely on:
+"""Four facts about the evaluation data that docs/reproduction_cpu.md and docs/seed_pipeline.md rely on, printed
+as one JSON object.
+
 
 1. request lengths: the longest hellaswag (context + ending) and lambada_openai request in GPT-2 tokens, as
    lm-eval builds them (hellaswag through lm-eval's own process_docs). If both fit in 512 tokens, scoring at
@@ -120,7 +122,7 @@ def wikitext_overlap(data_dir: Path, train_dir: Path, corpus_dir: Path | None) -
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     mirror = os.environ.get("SHARED_DATA_DIR") or None
     p.add_argument("--data-dir", default=mirror, required=mirror is None,
                    help="folder with the evaluation files, as laid out in tests/data (default: $SHARED_DATA_DIR)")

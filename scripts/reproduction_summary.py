@@ -102,7 +102,7 @@ def summarize(out: Path) -> str:
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the OUT folder of scripts/reproduce_cpu.sh")
     a = p.parse_args()
     print(summarize(Path(a.out)), end="")

@@ -289,7 +289,7 @@ def same_losses(a: Path, b: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(description="the seed-pipeline study's steps per arm and its summary")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("steps", help="print max_steps for a run of these train.py settings")
     s.add_argument("--loss-tokens", type=int, required=True, help="targets the loss should see in the run")

@@ -1,7 +1,7 @@
 """A fresh clone of the committed repository runs the README's CPU quickstart with nothing from outside: no
 full-data mirror folder, no hub, no tokenizer package. It prepares Tiny Shakespeare, trains
 config/shakespeare_cpu.py shortened to its first 50 steps (100k tokens), samples and plots. The references:
-the README quickstart's own output (step-0 train and val loss, printed by an earlier full run), so the shipped
+the README quickstart's own output (step-0 train and val loss, printed by the full 200-step run), so the shipped
 data, the shipped BPE files and the shard bytes must all be what that run used; and the unigram level (~6.5
 nats: train-set token frequencies scored on val), which the 50-step val loss must beat (the full 200-step run
 ends far lower)."""

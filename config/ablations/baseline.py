@@ -3,7 +3,8 @@
 # embeddings) on Tiny Shakespeare, GPT-2 BPE tokens:
 #   python prepare_data.py --dataset shakespeare
 #   python train.py config/ablations/baseline.py
-#   python train.py config/ablations/rope.py          # each variant file imports this one and changes 1-2 keys
+#   python train.py config/ablations/rope.py          # each variant imports this file and overrides what it names
+#                                                      # (most: one model key; llama_like and modern: several)
 #   python ablate.py --preset cpu                      # all of them, then a results table + val-loss plot
 # Every variant trains on the same data, tokens and seed. Tiny-scale differences do not predict 124M-scale ones.
 # train.py prints the parameter count at start.
@@ -21,7 +22,7 @@ lr = 2e-3  # tiny models take a higher lr than GPT-2's 6e-4
 min_lr = 2e-4
 warmup_steps = 10
 weight_decay = 0.1
-dtype = "fp32"  # bf16 autocast is slower than fp32 on most CPUs
+dtype = "fp32"  # bit-reproducible on CPU; bf16 autocast was no faster beyond noise (docs/reproduction_cpu.md)
 compile = False
 eval_interval = 20
 eval_tokens = 4096  # 64 rows of 64 tokens, the same rows at every evaluation and for every variant

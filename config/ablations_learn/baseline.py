@@ -6,7 +6,8 @@
 # with 1024-token steps, 6.94 after 41k with 2048) for the same compute. Measured run times: docs/ablations_cpu.md.
 #   python prepare_data.py --dataset shakespeare
 #   python ablate.py --preset learn --jobs 2           # every variant, several seeds each -> docs/ablations_cpu.md
-# Each variant file imports this one and changes 1-2 keys. Tiny-scale differences do not predict 124M-scale ones.
+# Each variant file imports this one and changes a few keys (modern.py and muon.py: the optimizer too).
+# Tiny-scale differences do not predict 124M-scale ones.
 data_dir = "data/shakespeare"
 out_dir = "out/ablations_learn/baseline"
 model = "gpt2"
