@@ -128,6 +128,7 @@ def test_probes_run_real_steps_and_free_everything(monkeypatch):
     torch.manual_seed(0)
     model = GPT(cfg.model_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    gc.collect()  # GPTs an earlier test in this worker left as garbage must not count as this one's
     n_models = sum(type(o) is GPT for o in gc.get_objects())
     rng = torch.get_rng_state()
 
