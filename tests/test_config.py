@@ -71,6 +71,16 @@ def test_shipped_configs():
     assert shk.dtype == "fp32" and shk.max_steps > 0
 
 
+def scheduler_lrs(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, n: int) -> list[float]:
+    """The lr a torch scheduler gives each of the first n optimizer steps."""
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_lr_schedule_matches_torch_schedulers():
     """Our closed form against torch's LinearLR (warmup) + CosineAnnealingLR (decay to min_lr)."""
     cfg = TrainConfig(lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=50)
@@ -80,11 +90,7 @@ def test_lr_schedule_matches_torch_schedulers():
                                              total_iters=cfg.warmup_steps - 1)
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_steps - cfg.warmup_steps, eta_min=cfg.min_lr)
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[cfg.warmup_steps])
-    ref = []
-    for _ in range(cfg.max_steps + 1):
-        ref.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    ref = scheduler_lrs(opt, sched, cfg.max_steps + 1)
     ours = [lr_at(s, cfg, cfg.max_steps) for s in range(cfg.max_steps + 1)]
     assert ours == pytest.approx(ref, rel=1e-9)
     # the named points
@@ -110,11 +116,7 @@ def test_warmdown_schedule_matches_torch_schedulers():
     stable = cfg.max_steps - decay - cfg.warmup_steps
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, flat, down],
                                                   milestones=[cfg.warmup_steps, cfg.warmup_steps + stable])
-    ref = []
-    for _ in range(cfg.max_steps + 1):
-        ref.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    ref = scheduler_lrs(opt, sched, cfg.max_steps + 1)
     ours = [lr_at(s, cfg, cfg.max_steps) for s in range(cfg.max_steps + 1)]
     assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
     assert ours[cfg.max_steps - decay] == cfg.lr and ours[-1] == cfg.min_lr
