@@ -452,6 +452,13 @@ def train_figures(rows: list[dict]) -> dict:
     }
 
 
+def require_loss_fell(c: Check, name: str, r: dict) -> dict:
+    """A train step's figures, or StepError with them and run `name`'s log when the loss did not fall."""
+    if not r["loss_fell"]:
+        raise StepError(f"loss did not fall by 5% or is not finite: {r['summary']}", c.work / f"{name}.log", r)
+    return r
+
+
 def step_train(c: Check) -> dict:
     rows, command = train_run(c, "train_bf16", "bf16", compiled=True)
     r = {"command": command, "compile": not c.rehearse, **train_figures(rows)}
@@ -462,9 +469,7 @@ def step_train(c: Check) -> dict:
                     f"{r['loss_last']:.3f}, finite {r['finite']}, median {r['tok_per_s_median']:,.0f} tok/s after "
                     f"step {TRAIN_WARMUP} ({fmt(r['tok_per_s_vs_bench'], '.3f')} of bench_compiled's), "
                     f"MFU {fmt(r['mfu_median'], '.1%')}, first step {r['first_step_s']:.1f} s")
-    if not r["loss_fell"]:
-        raise StepError(f"loss did not fall by 5% or is not finite: {r['summary']}", c.work / "train_bf16.log", r)
-    return r
+    return require_loss_fell(c, "train_bf16", r)
 
 
 MODERN_CONFIG = "config/gpt2_modern_fineweb_edu.py"
@@ -483,9 +488,7 @@ def step_modern(c: Check) -> dict:
                     f"({fmt(r['loss_last5_vs_gpt2'], '+.3f')} vs the train step's GPT-2 recipe), median "
                     f"{r['tok_per_s_median']:,.0f} tok/s, MFU {fmt(r['mfu_median'], '.1%')}, first step "
                     f"{r['first_step_s']:.1f} s")
-    if not r["loss_fell"]:
-        raise StepError(f"loss did not fall by 5% or is not finite: {r['summary']}", c.work / "train_modern.log", r)
-    return r
+    return require_loss_fell(c, "train_modern", r)
 
 
 def step_fp16(c: Check) -> dict:

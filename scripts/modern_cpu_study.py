@@ -58,13 +58,9 @@ def recipe_table(out: Path, seeds: list[int]) -> str:
         a, b = values.get(("gpt2", title)), values.get(("modern", title))
         if not a or not b:
             continue
-        cells = []
-        for xs in (a, b):
-            m, s = mean_std(xs)
-            cells.append(f"{m:.4f}" + (f" ± {s:.4f}" if s is not None else ""))
-        se = diff_se(b, a)
-        diff = mean_std(b)[0] - mean_std(a)[0]
-        cells.append(f"{diff:+.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+        (ma, sa), (mb, sb), se = mean_std(a), mean_std(b), diff_se(b, a)
+        cells = [f"{m:.4f}" + (f" ± {s:.4f}" if s is not None else "") for m, s in ((ma, sa), (mb, sb))]
+        cells.append(f"{mb - ma:+.4f}" + (f" ± {se:.4f}" if se is not None else ""))
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
